@@ -258,13 +258,14 @@ class _NormFunction(torch.autograd.Function):
         sum_dy, sum_dy_xmu = _group_grad_sums(dy, x, center, groups)
 
         grad_x = grad_weight = grad_bias = None
+        gamma = weight.to(invstd.dtype) if weight is not None else torch.ones_like(invstd[0])
+        gr = gamma * r
+        psi = gr * invstd * sum_dy_xmu / n
+        stats = torch.stack([gr * sum_dy / n, psi], dim=1) if config.centered else psi.unsqueeze(1)
+        if config.backward_stats == "sma":
+            # The stream advances on every backward, whether or not this call needs dL/dx.
+            stats = _advance_backward_stream(state, config, stats)
         if ctx.needs_input_grad[0]:
-            gamma = weight.to(invstd.dtype) if weight is not None else torch.ones_like(invstd[0])
-            gr = gamma * r
-            psi = gr * invstd * sum_dy_xmu / n
-            stats = torch.stack([gr * sum_dy / n, psi], dim=1) if config.centered else psi.unsqueeze(1)
-            if config.backward_stats == "sma":
-                stats = _advance_backward_stream(state, config, stats)
             psi_used = stats[:, -1]
             a = gr * invstd
             b = -invstd * invstd * psi_used
