@@ -10,9 +10,29 @@ import torch
 
 
 class NaiveNorm:
-    def __init__(self, num_features, *, centered, forward_stats, renorm, backward_stats, eps=1e-5, momentum=0.02,
-                 norm_batch_size=None, window=16, r_max=5.0, d_max=5.0, warmup_iters=100, renorm_warmup_iters=1000):
-        self.centered, self.forward_stats, self.renorm, self.backward_stats = centered, forward_stats, renorm, backward_stats
+    def __init__(
+        self,
+        num_features,
+        *,
+        centered,
+        forward_stats,
+        renorm,
+        backward_stats,
+        eps=1e-5,
+        momentum=0.02,
+        norm_batch_size=None,
+        window=16,
+        r_max=5.0,
+        d_max=5.0,
+        warmup_iters=100,
+        renorm_warmup_iters=1000,
+    ):
+        self.centered, self.forward_stats, self.renorm, self.backward_stats = (
+            centered,
+            forward_stats,
+            renorm,
+            backward_stats,
+        )
         self.eps, self.momentum, self.B, self.m = eps, momentum, norm_batch_size, window
         self.r_max, self.d_max, self.warmup, self.renorm_warmup = r_max, d_max, warmup_iters, renorm_warmup_iters
         c = num_features
@@ -78,7 +98,7 @@ class NaiveNorm:
         for i, (z, std, r, d) in enumerate(saved):
             dyg = dy[i * b : (i + 1) * b]
             h = gamma.view(shape) * r.view(shape) * dyg
-            stat = ((h.mean(dims), (h * z).mean(dims)) if self.centered else ((h * z).mean(dims),))
+            stat = (h.mean(dims), (h * z).mean(dims)) if self.centered else ((h * z).mean(dims),)
             self.backward_history.append(stat)
             if self.backward_stats == "sma" and self.backward_calls >= self.warmup:
                 stat = self._sma(self.backward_history, self.m)

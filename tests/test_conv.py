@@ -11,12 +11,24 @@ CASES = [
     (mabn.CenConv1d, nn.Conv1d, (2, 4, 11), dict(in_channels=4, out_channels=6, kernel_size=3)),
     (mabn.CenConv1d, nn.Conv1d, (2, 4, 11), dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, dilation=2)),
     (mabn.CenConv2d, nn.Conv2d, (2, 4, 9, 9), dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1)),
-    (mabn.CenConv2d, nn.Conv2d, (2, 4, 9, 9),
-     dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, padding_mode="reflect", dilation=2, groups=4)),
-    (mabn.CenConv2d, nn.Conv2d, (2, 4, 9, 9), dict(in_channels=4, out_channels=8, kernel_size=3, padding="same",
-                                                   padding_mode="circular", bias=False)),
-    (mabn.CenConv3d, nn.Conv3d, (2, 2, 5, 6, 6), dict(in_channels=2, out_channels=4, kernel_size=3, padding=1,
-                                                      padding_mode="replicate")),
+    (
+        mabn.CenConv2d,
+        nn.Conv2d,
+        (2, 4, 9, 9),
+        dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, padding_mode="reflect", dilation=2, groups=4),
+    ),
+    (
+        mabn.CenConv2d,
+        nn.Conv2d,
+        (2, 4, 9, 9),
+        dict(in_channels=4, out_channels=8, kernel_size=3, padding="same", padding_mode="circular", bias=False),
+    ),
+    (
+        mabn.CenConv3d,
+        nn.Conv3d,
+        (2, 2, 5, 6, 6),
+        dict(in_channels=2, out_channels=4, kernel_size=3, padding=1, padding_mode="replicate"),
+    ),
     (mabn.CenLinear, nn.Linear, (5, 7), dict(in_features=7, out_features=3)),
 ]
 

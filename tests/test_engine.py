@@ -25,13 +25,21 @@ def _randomize_affine(layer: nn.Module) -> None:
 def test_gradcheck_uncentered_window_one(forward_stats, norm_batch_size):
     # With m = 1 and r = 1 the estimator is the exact gradient of gamma * x / sqrt(E[x^2] + eps) + beta.
     layer = mabn.GeneralBatchNorm2d(
-        3, centered=False, forward_stats=forward_stats, renorm=False, backward_stats=forward_stats,
-        window=1, warmup_iters=0, norm_batch_size=norm_batch_size, dtype=F64,
+        3,
+        centered=False,
+        forward_stats=forward_stats,
+        renorm=False,
+        backward_stats=forward_stats,
+        window=1,
+        warmup_iters=0,
+        norm_batch_size=norm_batch_size,
+        dtype=F64,
     )
     _randomize_affine(layer)
     x = torch.randn(4, 3, 3, 3, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: mabn.stream_norm(x, w, b, layer.state(), layer.config, True),
-                                    (x, layer.weight, layer.bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: mabn.stream_norm(x, w, b, layer.state(), layer.config, True), (x, layer.weight, layer.bias)
+    )
 
 
 def test_gradcheck_mabn_window_one_before_renorm():
@@ -46,8 +54,9 @@ def test_gradcheck_centered_batch(norm_batch_size):
     layer = mabn.GhostBatchNorm2d(3, norm_batch_size=norm_batch_size, dtype=F64)
     _randomize_affine(layer)
     x = torch.randn(4, 3, 3, 3, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: mabn.stream_norm(x, w, b, layer.state(), layer.config, True),
-                                    (x, layer.weight, layer.bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: mabn.stream_norm(x, w, b, layer.state(), layer.config, True), (x, layer.weight, layer.bias)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -114,9 +123,19 @@ COMBOS = list(itertools.product([False, True], ["batch", "sma"], [False, True], 
 @pytest.mark.parametrize("centered,forward_stats,renorm,backward_stats", COMBOS)
 def test_family_matches_naive_reference(centered, forward_stats, renorm, backward_stats):
     # m > 1, B < N, 40 calls crossing the warm-up (5) and renorm warm-up (12), r and d clipping.
-    kw = dict(centered=centered, forward_stats=forward_stats, renorm=renorm, backward_stats=backward_stats,
-              norm_batch_size=2, window=4, warmup_iters=5, renorm_warmup_iters=12, r_max=1.5, d_max=0.5,
-              momentum=0.1)
+    kw = dict(
+        centered=centered,
+        forward_stats=forward_stats,
+        renorm=renorm,
+        backward_stats=backward_stats,
+        norm_batch_size=2,
+        window=4,
+        warmup_iters=5,
+        renorm_warmup_iters=12,
+        r_max=1.5,
+        d_max=0.5,
+        momentum=0.1,
+    )
     layer = mabn.GeneralBatchNorm2d(3, **kw, dtype=F64)
     _randomize_affine(layer)
     ref = NaiveNorm(3, **kw)
@@ -140,8 +159,9 @@ def test_family_matches_naive_reference(centered, forward_stats, renorm, backwar
 def test_mabn_module_matches_naive_reference():
     layer = mabn.MABN2d(3, norm_batch_size=2, window=4, warmup_iters=5, renorm_warmup_iters=12, r_max=1.5, dtype=F64)
     _randomize_affine(layer)
-    ref = NaiveNorm(3, **mabn.PRESETS["mabn"] | dict(norm_batch_size=2, window=4, warmup_iters=5,
-                                                     renorm_warmup_iters=12, r_max=1.5))
+    ref = NaiveNorm(
+        3, **mabn.PRESETS["mabn"] | dict(norm_batch_size=2, window=4, warmup_iters=5, renorm_warmup_iters=12, r_max=1.5)
+    )
     for step in range(40):
         x = (torch.randn(4, 3, 5, 5, dtype=F64) * (0.5 + (step % 5) * 0.5)).requires_grad_()
         dy = torch.randn_like(x)

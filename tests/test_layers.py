@@ -155,7 +155,7 @@ def test_norm_batch_size_one_uncentered_and_centered():
     mabn.GhostBatchNorm1d(5, norm_batch_size=1)(torch.randn(3, 5, 4))
 
 
-def test_ignores_no_host_synchronization(monkeypatch):
+def test_no_host_synchronization(monkeypatch):
     calls = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)

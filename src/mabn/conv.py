@@ -55,7 +55,9 @@ class CenConv3d(_CenConv, nn.Conv3d):
 
 
 class CenLinear(nn.Linear):
-    __doc__ = _DOC.format(torch="Linear", name="CenLinear", example="2, 3").replace("CenLinear(3, 8, 3, padding=1)", "CenLinear(3, 8)")
+    __doc__ = _DOC.format(torch="Linear", name="CenLinear", example="2, 3").replace(
+        "CenLinear(3, 8, 3, padding=1)", "CenLinear(3, 8)"
+    )
 
     def centered_weight(self) -> Tensor:
         """The weight the layer actually applies: :func:`centralize_weight` of ``weight``."""

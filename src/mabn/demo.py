@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     model = small_net(args.norm_batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.2)
-    print(f"training {args.steps} steps, gradient batch {args.batch_size}, MABN at normalization batch {args.norm_batch_size}")
+    print(
+        f"training {args.steps} steps, gradient batch {args.batch_size}, MABN at normalization batch {args.norm_batch_size}"
+    )
     model.train()
     start, running = time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):

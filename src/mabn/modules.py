@@ -282,15 +282,21 @@ _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
 
 
 class GeneralBatchNorm1d(_Dims1d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(dims="2D or 3D input", shape="(N, C) or (N, C, L)", name="GeneralBatchNorm1d", example="4, 8, 5")
+    __doc__ = _GENERAL_DOC.format(
+        dims="2D or 3D input", shape="(N, C) or (N, C, L)", name="GeneralBatchNorm1d", example="4, 8, 5"
+    )
 
 
 class GeneralBatchNorm2d(_Dims2d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(dims="4D input", shape="(N, C, H, W)", name="GeneralBatchNorm2d", example="4, 8, 5, 5")
+    __doc__ = _GENERAL_DOC.format(
+        dims="4D input", shape="(N, C, H, W)", name="GeneralBatchNorm2d", example="4, 8, 5, 5"
+    )
 
 
 class GeneralBatchNorm3d(_Dims3d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(dims="5D input", shape="(N, C, D, H, W)", name="GeneralBatchNorm3d", example="4, 8, 3, 5, 5")
+    __doc__ = _GENERAL_DOC.format(
+        dims="5D input", shape="(N, C, D, H, W)", name="GeneralBatchNorm3d", example="4, 8, 3, 5, 5"
+    )
 
 
 class _MABN(_StreamNorm):
@@ -434,7 +440,11 @@ _GHOST_DOC = r"""Ghost Batch Normalization over {dims}: BatchNorm with statistic
 
 class GhostBatchNorm1d(_Dims1d, _GhostBatchNorm):
     __doc__ = _GHOST_DOC.format(
-        dims="a 2D or 3D input", shape="(N, C) or (N, C, L)", name="GhostBatchNorm1d", torch_name="BatchNorm1d", example="4, 8, 5"
+        dims="a 2D or 3D input",
+        shape="(N, C) or (N, C, L)",
+        name="GhostBatchNorm1d",
+        torch_name="BatchNorm1d",
+        example="4, 8, 5",
     )
 
 
@@ -446,7 +456,11 @@ class GhostBatchNorm2d(_Dims2d, _GhostBatchNorm):
 
 class GhostBatchNorm3d(_Dims3d, _GhostBatchNorm):
     __doc__ = _GHOST_DOC.format(
-        dims="a 5D input", shape="(N, C, D, H, W)", name="GhostBatchNorm3d", torch_name="BatchNorm3d", example="4, 8, 3, 5, 5"
+        dims="a 5D input",
+        shape="(N, C, D, H, W)",
+        name="GhostBatchNorm3d",
+        torch_name="BatchNorm3d",
+        example="4, 8, 3, 5, 5",
     )
 
 
@@ -507,7 +521,9 @@ _BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional gh
 
 
 class BatchRenorm1d(_Dims1d, _BatchRenorm):
-    __doc__ = _BRN_DOC.format(dims="a 2D or 3D input", shape="(N, C) or (N, C, L)", name="BatchRenorm1d", example="4, 8, 5")
+    __doc__ = _BRN_DOC.format(
+        dims="a 2D or 3D input", shape="(N, C) or (N, C, L)", name="BatchRenorm1d", example="4, 8, 5"
+    )
 
 
 class BatchRenorm2d(_Dims2d, _BatchRenorm):
