@@ -1,0 +1,117 @@
+"""``mabn stats``: plots and table from a saved log, and a very short training run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from mabn.cli import main
+from mabn.data import FASHION_MNIST_DIR
+from mabn.monitor import read_stats_log, write_stats_csv, write_stats_jsonl
+from mabn.stats import format_table, summarize, train_with_monitor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a shared machine the thread pool's
+    # synchronization makes them many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_records():
+    """Records of the three runs on a width-2 ResNet, a few steps on random 28x28 images."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    records = []
+    for run_name in ("bn", "uncentered", "mabn"):
+        run_records, layer = train_with_monitor(
+            run_name, images, labels, steps=4, batch_size=8, norm_batch_size=2, lr=0.01, width=2, depth=1, seed=0,
+            layer=None, all_layers=run_name == "bn", every=1, progress=False,
+        )  # fmt: skip
+        assert layer == "layer1.0.bn1"
+        records += run_records
+    return records
+
+
+def test_records_of_the_runs(tiny_records):
+    runs = {r["run"] for r in tiny_records}
+    assert runs == {"bn", "uncentered", "mabn"}
+    # The bn run watched every norm layer, the others only the plotted one.
+    assert len({r["layer"] for r in tiny_records if r["run"] == "bn"}) > 1
+    assert {r["layer"] for r in tiny_records if r["run"] != "bn"} == {"layer1.0.bn1"}
+    forms = {r["run"]: r["form"] for r in tiny_records}
+    assert forms == {"bn": "centered", "uncentered": "uncentered", "mabn": "uncentered"}
+    assert all(r["groups"] == 4 and r["group_size"] == 2 for r in tiny_records)
+    assert {r["step"] for r in tiny_records} == {1, 2, 3, 4}
+
+
+def test_summary_and_table(tiny_records):
+    summary = summarize(tiny_records, "layer1.0.bn1", table_from=2)
+    assert [(s["run"], s["stat"]) for s in summary][:5] == [("bn", s) for s in ("mu", "sigma2", "chi2", "g", "psi")]
+    rows = {(s["run"], s["stat"]): s for s in summary}
+    bn_psi = [
+        r
+        for r in tiny_records
+        if r["run"] == "bn" and r["layer"] == "layer1.0.bn1" and r["stat"] == "psi" and r["step"] >= 2
+    ]
+    assert rows["bn", "psi"]["steps"] == 3
+    assert math.isclose(rows["bn", "psi"]["small_reldev"], sum(r["small_reldev"] for r in bn_psi) / 3)
+    assert rows["bn", "g"]["used"] and not rows["mabn", "g"]["used"] and rows["mabn", "chi2"]["used"]
+    # MABN's moving averages are still in warm-up (100 steps), so none is "used" yet.
+    assert rows["mabn", "psi"]["sma_steps"] == 0 and math.isnan(rows["mabn", "psi"]["sma_reldev"])
+    text = format_table(summary)
+    assert "small vs regular" in text and len(text.splitlines()) == 1 + len(summary)
+    assert format_table(summary, markdown=True).splitlines()[1].startswith("|---")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_stats_from_log_draws_plots(tiny_records, tmp_path, capsys, suffix):
+    log = tmp_path / f"log{suffix}"
+    (write_stats_csv if suffix == ".csv" else write_stats_jsonl)(tiny_records, log)
+    out = tmp_path / "plots"
+    assert main(["stats", "--log", str(log), "--out", str(out), "--table-from", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "layer1.0.bn1" in text and "moving avg vs regular" in text
+    for name in ("bn", "uncentered", "mabn", "deviation"):
+        with Image.open(out / f"statistics_{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 300
+
+
+def test_stats_from_log_other_layer_and_errors(tiny_records, tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    write_stats_csv([r for r in tiny_records if r["run"] == "bn"], log)
+    out = tmp_path / "plots"
+    argv = ["stats", "--log", str(log), "--out", str(out), "--layer", "layer2.0.bn2", "--prefix", "x"]
+    assert main(argv) == 2
+    assert "--table-from" in capsys.readouterr().err  # the 4-step log has nothing from step 100 on
+    assert main(argv + ["--table-from", "0"]) == 0
+    assert (out / "x_bn.png").exists() and not (out / "x_mabn.png").exists()
+    assert main(["stats", "--log", str(log), "--out", str(out), "--layer", "nope"]) == 2
+    assert "no layer 'nope'" in capsys.readouterr().err
+    assert main(["stats", "--log", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert main(["stats", "--runs", "bn,xyz", "--out", str(out)]) == 2
+    assert "'xyz'" in capsys.readouterr().err
+    assert main(["stats", "--batch-size", "6", "--norm-batch-size", "4", "--out", str(out)]) == 2
+    assert main(["stats", "--save-log", str(tmp_path / "log.txt"), "--out", str(out)]) == 2
+    assert "log.txt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_stats_trains_on_fashion_mnist(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["stats", "--steps", "3", "--width", "2", "--batch-size", "8", "--out", str(out), "--table-from", "0"]
+    assert main(argv + ["--save-log", str(out / "log.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "[mabn] step     3/3" in text
+    records = read_stats_log(out / "log.jsonl")
+    assert {r["run"] for r in records} == {"bn", "uncentered", "mabn"}
+    assert len(records) == 3 * 3 * 5
+    assert (out / "statistics_mabn.png").exists()
