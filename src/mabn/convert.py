@@ -1,0 +1,337 @@
+"""Swap the normalization and convolution layers of whole models, and back.
+
+:func:`convert_model` turns every BatchNorm (and every layer of this package) of a model into the
+chosen member of the family and, on request, every convolution and linear layer into its
+weight-centralized twin; :func:`revert_model` goes back to plain torch layers. Both work like
+:meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: in place, returning the model (a new module
+only when the model itself is a replaced layer), with the affine parameters carried over as the
+same ``nn.Parameter`` objects, so an optimizer built before the conversion keeps working.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .conv import CENTRALIZED, centralize_weight
+from .factory import _CLASS_NAMES, _FAMILIES, NORM_NAMES, NormSpec, create_norm_layer, same_family
+from .modules import _StreamNorm
+
+__all__ = ["convert_model", "revert_model", "is_norm_layer", "norm_dim"]
+
+_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_TORCH_BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_PLAIN = {cen: plain for plain, cen in CENTRALIZED.items()}
+_NAME_KWARGS = {
+    "bn": {"eps", "momentum", "affine", "norm_batch_size", "device", "dtype"},
+    "gn": {"eps", "affine", "device", "dtype"},
+    "ln": {"eps", "affine", "device", "dtype"},
+    "in": {"eps", "momentum", "affine", "device", "dtype"},
+}
+# Hyper-parameters that carry over between layers of this package with the same structure.
+_CONFIG_KEYS = ("momentum", "window", "r_max", "d_max", "warmup_iters", "renorm_warmup_iters")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for the layers :func:`convert_model` replaces: torch's BatchNorm*d, SyncBatchNorm, this package's."""
+    return isinstance(module, (*_TORCH_BN, _StreamNorm))
+
+
+def norm_dim(module: nn.Module) -> int | None:
+    """1, 2 or 3 for a layer of a 1/2/3-D family (BatchNorm2d -> 2, MABN1d -> 1), else None."""
+    for cls in type(module).__mro__:
+        for family in _FAMILIES:
+            if cls in family:
+                return family.index(cls) + 1
+    return None
+
+
+def _form(module: nn.Module) -> str | None:
+    """The form of a norm layer: "centered" (BatchNorm-like), "uncentered" (MABN-like) or None (no running stats)."""
+    if isinstance(module, _StreamNorm):
+        return "centered" if module.config.centered else "uncentered"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        return "centered"
+    return None
+
+
+def _accepts(norm: NormSpec, key: str, dim: int) -> bool:
+    """Whether the layer that ``norm`` names takes the keyword ``key``."""
+    if isinstance(norm, str):
+        name = norm.strip().lower().replace("-", "_")
+        if name in _NAME_KWARGS:
+            return key in _NAME_KWARGS[name]
+        func = _CLASS_NAMES[name][dim - 1] if name in _CLASS_NAMES else _FAMILIES[5][dim - 1]
+    else:
+        func = norm.func if isinstance(norm, functools.partial) else norm
+        if inspect.isclass(func):
+            func = same_family(func, dim) or func
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _retype(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` instance with the state of ``module`` (same parameters, hooks and attributes).
+
+    Only valid between classes with the same state (a torch conv and its centralized twin).
+    """
+    new = cls.__new__(cls)
+    # Fresh containers, shared tensors: the original module is left exactly as it was.
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()})
+    return new
+
+
+def _copy_params(src: nn.Module, dst: nn.Module) -> None:
+    """Carry ``weight`` and ``bias`` over: the same Parameter when dtype and device agree, else a copy."""
+    for name in ("weight", "bias"):
+        old, new = getattr(src, name, None), getattr(dst, name, None)
+        if not isinstance(old, Tensor) or not isinstance(new, Tensor) or old.shape != new.shape:
+            continue
+        if old.dtype == new.dtype and old.device == new.device and isinstance(old, nn.Parameter):
+            setattr(dst, name, old)
+        else:
+            with torch.no_grad():
+                new.copy_(old)
+            new.requires_grad_(old.requires_grad)
+
+
+def _same_structure(src: nn.Module, dst: nn.Module) -> bool:
+    """Both are layers of this package with the same form and the same kinds of statistics."""
+    if not (isinstance(src, _StreamNorm) and isinstance(dst, _StreamNorm)):
+        return False
+    keys = ("centered", "forward_stats", "renorm", "backward_stats")
+    return all(getattr(src.config, k) == getattr(dst.config, k) for k in keys)
+
+
+def _same_stream(src: nn.Module, dst: nn.Module) -> bool:
+    """Both layers run the same statistics stream, so windows and counters carry over as they are."""
+    return _same_structure(src, dst) and src.config.window == dst.config.window
+
+
+def _windowless(module: nn.Module) -> bool:
+    """Batch statistics both ways (BatchNorm, ghost BN, BRN): no moving-average window to refill."""
+    if isinstance(module, _StreamNorm):
+        return module.config.forward_stats == "batch" and module.config.backward_stats == "batch"
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+@torch.no_grad()
+def _copy_stats(src: nn.Module, dst: nn.Module) -> None:
+    src_form, dst_form = _form(src), _form(dst)
+    if src_form is None or dst_form is None:
+        return
+    mean = src.running_mean
+    var = src.running_var
+    if src_form == "centered" and dst_form == "uncentered":
+        # The second moment E[x^2] = Var[x] + E[x]^2 seeds MABN's running statistic.
+        dst.running_var.copy_(var + mean * mean)
+    elif src_form == "uncentered" and dst_form == "centered":
+        # The same evaluation-mode map: mean 0, variance R.
+        dst.running_mean.zero_()
+        dst.running_var.copy_(var)
+    else:
+        dst.running_var.copy_(var)
+        if mean is not None:
+            dst.running_mean.copy_(mean)
+    if _same_stream(src, dst):
+        for name in ("forward_window", "forward_steps", "backward_window", "backward_steps", "backward_calls"):
+            if hasattr(src, name):
+                getattr(dst, name).copy_(getattr(src, name))
+    # The call counter drives the warm-ups: it carries over when the new layer continues the same
+    # stream, or is of the same form with no window to refill; otherwise the new stream starts at 0.
+    if _same_stream(src, dst) or (src_form == dst_form and _windowless(dst)):
+        dst.num_batches_tracked.copy_(src.num_batches_tracked)
+
+
+def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], default_dim: int) -> nn.Module:
+    if isinstance(src, nn.modules.batchnorm._BatchNorm) and not src.track_running_stats:
+        raise ValueError(
+            f"cannot convert {type(src).__name__}({src.num_features}) with track_running_stats=False: "
+            "the layers of this package always keep running statistics"
+        )
+    dim = norm_dim(src) or default_dim
+    ref = src.running_var if src.running_var is not None else src.weight
+    carried: dict[str, Any] = {"eps": src.eps, "affine": src.affine}
+    if ref is not None:
+        carried.update(device=ref.device, dtype=ref.dtype)
+    nbs = getattr(getattr(src, "config", None), "norm_batch_size", None)
+    if nbs is not None:
+        carried["norm_batch_size"] = nbs
+    kwargs = {k: v for k, v in carried.items() if k not in norm_kwargs and _accepts(norm, k, dim)}
+    new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **norm_kwargs)
+    if _same_structure(src, new):
+        # The same kind of layer (e.g. MABN -> MABN with another norm_batch_size): keep its settings.
+        more = {k: getattr(src.config, k) for k in _CONFIG_KEYS if k not in norm_kwargs and _accepts(norm, k, dim)}
+        new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **more, **norm_kwargs)
+    same_form = _form(new) is not None and _form(new) == _form(src)
+    if "momentum" not in norm_kwargs and src.momentum is not None and same_form:
+        # Same form, same meaning of the running statistics: keep the source's EMA weight.
+        new.momentum = src.momentum
+    _copy_params(src, new)
+    _copy_stats(src, new)
+    return new
+
+
+def _finish(src: nn.Module, new: nn.Module) -> nn.Module:
+    new.train(src.training)
+    if hasattr(src, "qconfig"):
+        new.qconfig = src.qconfig
+    return new
+
+
+def _apply(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put every replacement in place (all were built before, so a failure cannot leave a half-converted model)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[name] = replacements[id(child)]
+    return replacements.get(id(model), model)
+
+
+def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = None, **norm_kwargs: Any) -> nn.Module:
+    """Replace every BatchNorm of ``model`` by ``norm`` and, optionally, every conv by its centralized twin.
+
+    Recursive and in place, like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. Replaced:
+    ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (as a 2-D layer unless ``dim`` is given) and every
+    norm layer of this package; with ``conv="centralized"`` also every ``nn.Conv1d/2d/3d`` and
+    ``nn.Linear`` (exact types: subclasses with their own forward are left alone) by
+    :data:`mabn.CENTRALIZED`. Each new layer keeps the old one's parameters (the same
+    ``nn.Parameter`` objects, hence ``requires_grad``), device, dtype and ``.training``; ``eps``,
+    ``affine`` and ``norm_batch_size`` carry over unless given, ``momentum`` when old and new layer
+    have the same form (centered or uncentered), and every hyper-parameter (``window``, ``r_max``,
+    warm-ups, ...) between layers of this package of the same structure (e.g. MABN -> MABN with
+    another ``norm_batch_size``).
+
+    Running statistics: between layers of the same form they are copied; from a centered layer (a
+    trained BatchNorm) to an uncentered one (MABN) ``running_var`` is seeded with the second moment
+    ``running_var + running_mean ** 2``; from uncentered to centered the evaluation map is kept
+    (``running_mean = 0``, ``running_var = R``). Windows and counters carry over between layers that
+    run the same statistics stream. Otherwise ``num_batches_tracked`` (the count that drives the
+    warm-ups) carries over to a layer of the same form without moving-average windows (BatchNorm,
+    ghost BN, BRN) and starts at 0 in a layer with windows (MABN from BatchNorm), whose windows
+    start empty.
+
+    Args:
+        model: the model (changed in place).
+        norm: the new norm layer: a name, class or partial for :func:`mabn.create_norm_layer`.
+            Default: ``"mabn"``.
+        conv: ``None`` (leave convolutions) or ``"centralized"``.
+        **norm_kwargs: passed to every new norm layer (e.g. ``norm_batch_size=2``); ``dim`` sets
+            the dimensionality used for ``nn.SyncBatchNorm`` (default 2).
+
+    Returns:
+        ``model``, or the new layer when ``model`` itself is a replaced layer.
+
+    Raises:
+        ValueError: unknown ``norm`` name or ``conv`` value, or a BatchNorm without running
+            statistics (``track_running_stats=False``); the model is left unchanged.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        >>> model = mabn.convert_model(model, "mabn", conv="centralized", norm_batch_size=2)
+        >>> [type(m).__name__ for m in model]
+        ['CenConv2d', 'MABN2d', 'ReLU']
+        >>> [type(m).__name__ for m in mabn.revert_model(model)]
+        ['Conv2d', 'BatchNorm2d', 'ReLU']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(norm, str) and norm.strip().lower().replace("-", "_") not in NORM_NAMES:
+        raise ValueError(f"unknown norm layer {norm!r}; known names: {', '.join(NORM_NAMES)}")
+    if conv not in (None, "centralized"):
+        raise ValueError(f"conv must be None or 'centralized', got {conv!r}")
+    norm_kwargs = dict(norm_kwargs)
+    default_dim = norm_kwargs.pop("dim", 2)
+    replacements: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if is_norm_layer(module):
+            new = _convert_norm(module, norm, norm_kwargs, default_dim)
+        elif conv == "centralized" and type(module) in CENTRALIZED:
+            new = _retype(module, CENTRALIZED[type(module)])
+        else:
+            continue
+        replacements[id(module)] = _finish(module, new)
+    return _apply(model, replacements)
+
+
+@torch.no_grad()
+def _revert_norm(src: _StreamNorm) -> nn.Module:
+    cls = _TORCH_BN_BY_DIM[norm_dim(src) or 2]
+    new = cls(
+        src.num_features,
+        src.eps,
+        src.momentum,
+        src.affine,
+        True,
+        device=src.running_var.device,
+        dtype=src.running_var.dtype,
+    )
+    _copy_params(src, new)
+    if src.running_mean is not None:
+        new.running_mean.copy_(src.running_mean)
+    else:
+        new.running_mean.zero_()
+    new.running_var.copy_(src.running_var)
+    new.num_batches_tracked.copy_(src.num_batches_tracked)
+    return new
+
+
+def _revert_conv(src: nn.Module, centered_weights: bool) -> nn.Module:
+    new = _retype(src, _PLAIN[type(src)])
+    if centered_weights:
+        weight = nn.Parameter(centralize_weight(src.weight.detach()).clone(), requires_grad=src.weight.requires_grad)
+        new._parameters["weight"] = weight
+    return new
+
+
+def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
+    """Turn every layer of this package back into the torch layer (the reverse of :func:`convert_model`).
+
+    In place, recursive. Norm layers become ``nn.BatchNorm1d/2d/3d`` with the same ``eps``,
+    ``momentum``, ``affine``, parameters, ``num_batches_tracked`` and ``.training``; centered layers
+    keep their running statistics, uncentered ones (MABN) get ``running_mean = 0`` and
+    ``running_var = R``, the same evaluation-mode map. Moving-average windows are dropped.
+    ``CenConv*d`` / ``CenLinear`` become ``nn.Conv*d`` / ``nn.Linear``.
+
+    A torch BatchNorm model converted to a centered preset (``"bn"``, ``"ghost_bn"``, ``"brn"``) and
+    reverted is restored exactly (state dict, types, ``.training``).
+
+    Args:
+        model: the model (changed in place).
+        centered_weights: False keeps the raw weights of centralized layers (the exact reverse of
+            ``convert_model(conv="centralized")``); True bakes the centering into new weights, so the
+            plain layer computes what the centralized one did (see :func:`mabn.to_batchnorm`).
+
+    Returns:
+        ``model``, or the new layer when ``model`` itself is a reverted layer.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> bn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> back = mabn.revert_model(mabn.convert_model(bn, "ghost_bn", conv="centralized"))
+        >>> [type(m).__name__ for m in back]
+        ['Conv2d', 'BatchNorm2d']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    replacements: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, _StreamNorm):
+            new = _revert_norm(module)
+        elif type(module) in _PLAIN:
+            new = _revert_conv(module, centered_weights)
+        else:
+            continue
+        replacements[id(module)] = _finish(module, new)
+    return _apply(model, replacements)

@@ -1,0 +1,320 @@
+"""Fold evaluation-mode normalization into the preceding convolution, for deployment.
+
+In evaluation mode every layer of the family is the per-channel affine map
+``y = gamma * (x - mu) / sqrt(var + eps) + beta`` (``mu = 0`` and ``var = R`` for MABN), so a
+convolution followed by it is one convolution with
+
+    W' = W_c * s,  b' = (b - mu) * s + beta,  s = gamma / sqrt(var + eps)
+
+per output channel, where ``W_c`` is the weight the convolution applies (centered for
+weight-centralized layers). :func:`fold` does this for a whole model; :func:`to_batchnorm` instead
+rewrites the layers as plain torch ``BatchNorm``/``Conv`` so that torch's own fusion tools apply.
+Like :mod:`torch.nn.utils.fusion`, both refuse training-mode models and work on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Literal, overload
+
+import torch
+from torch import fx, nn
+
+from .conv import CENTRALIZED, CenLinear, _CenConv
+from .convert import _finish, _retype, norm_dim, revert_model
+from .modules import _StreamNorm
+
+__all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
+
+logger = logging.getLogger(__name__)
+
+_PLAIN = {cen: plain for plain, cen in CENTRALIZED.items()}
+_CONV_DIM = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.Linear: 1}
+# Normalization layers that cannot fold (statistics of each sample, or no running statistics).
+_OTHER_NORMS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What :func:`fold` did.
+
+    Attributes:
+        folded: ``(conv name, norm name)`` of every pair folded into one convolution.
+        unfolded: ``(norm name, class name, reason)`` of every normalization layer left in the model.
+        traced: True when the pairs were found in a ``torch.fx`` trace of the model; False when the
+            model could not be traced and only ``nn.Sequential`` neighbours and the blocks of
+            :mod:`mabn.models` were used (``trace_error`` says why).
+        trace_error: the tracing error, or None.
+    """
+
+    folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unfolded: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    traced: bool = True
+    trace_error: str | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"folded {len(self.folded)} norm layers into convolutions ({'fx trace' if self.traced else 'fallback'})"
+        ]
+        lines += [f"  kept {name} ({cls}): {reason}" for name, cls, reason in self.unfolded]
+        return "\n".join(lines)
+
+
+def check_eval(model: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` naming the sub-modules of ``model`` that are in training mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        raise ValueError(
+            f"{what} needs a model in evaluation mode; call model.eval() first (in training mode: {shown})"
+        )
+
+
+def _conv_dim(module: nn.Module) -> int | None:
+    """Dimensionality of a convolution or linear layer :func:`fold` can fold into, else None."""
+    cls = _PLAIN.get(type(module), type(module))
+    return _CONV_DIM.get(cls) if cls in _CONV_DIM else None
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    if isinstance(module, _StreamNorm):
+        return True
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+
+
+def _compatible(conv: nn.Module, norm: nn.Module) -> bool:
+    dim = _conv_dim(conv)
+    if dim is None or not _foldable_norm(norm):
+        return False
+    channels = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    if channels != norm.num_features:
+        return False
+    if isinstance(conv, nn.Linear):
+        return norm_dim(norm) == 1
+    return norm_dim(norm) in (dim, None)  # SyncBatchNorm takes any dimensionality
+
+
+class _Tracer(fx.Tracer):
+    """Keeps this package's layers as single calls, so they show up as modules in the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (_StreamNorm, _CenConv, CenLinear)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _unique_names(model: nn.Module) -> dict[int, str]:
+    """id -> name of modules that appear exactly once in the tree (shared modules cannot fold)."""
+    seen: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        seen.setdefault(id(m), []).append(name)
+    return {key: names[0] for key, names in seen.items() if len(names) == 1}
+
+
+def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
+    graph = _Tracer().trace(model)
+    unique = _unique_names(model)
+    calls: dict[int, int] = {}
+    attrs: set[int] = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            key = id(model.get_submodule(node.target))
+            calls[key] = calls.get(key, 0) + 1
+        elif node.op == "get_attr":
+            # A parameter or buffer read directly by the forward pins its module.
+            parts = node.target.split(".")
+            for i in range(1, len(parts)):
+                try:
+                    attrs.add(id(model.get_submodule(".".join(parts[:i]))))
+                except AttributeError:
+                    break
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv, norm = model.get_submodule(prev.target), model.get_submodule(node.target)
+        ok = all(id(m) in unique and calls.get(id(m)) == 1 and id(m) not in attrs for m in (conv, norm))
+        if ok and _compatible(conv, norm):
+            pairs.append((unique[id(conv)], unique[id(norm)]))
+    return pairs
+
+
+def _pairs_from_structure(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs whose data flow is known without a trace: ``nn.Sequential`` neighbours and ResNet blocks."""
+    from .models import BasicBlock, Bottleneck, ResNet
+
+    unique = _unique_names(model)
+    pairs = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        candidates: list[tuple[str, str]] = []
+        if type(module) is nn.Sequential:
+            keys = list(module._modules)
+            candidates = list(zip(keys, keys[1:]))
+        elif type(module) in (BasicBlock, Bottleneck, ResNet):
+            candidates = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"conv{i}")]
+        for a, b in candidates:
+            conv, norm = module._modules.get(a), module._modules.get(b)
+            if conv is None or norm is None or id(conv) not in unique or id(norm) not in unique:
+                continue
+            if _compatible(conv, norm):
+                pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+@torch.no_grad()
+def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    """One plain conv (or linear) layer computing ``norm(conv(x))`` in evaluation mode."""
+    weight = conv.centered_weight() if hasattr(conv, "centered_weight") else conv.weight
+    dtype, device = weight.dtype, weight.device
+    # Combine in float64 (at least), then round once to the layer's dtype.
+    work = torch.promote_types(dtype, torch.float64)
+    var = norm.running_var.to(work)
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.to(work)
+    shift = -scale * norm.running_mean.to(work) if norm.running_mean is not None else torch.zeros_like(scale)
+    if conv.bias is not None:
+        shift = shift + scale * conv.bias.to(work)
+    if norm.bias is not None:
+        shift = shift + norm.bias.to(work)
+    new_weight = weight.to(work) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    new = _retype(conv, _PLAIN.get(type(conv), type(conv)))
+    grad = conv.weight.requires_grad
+    new._parameters["weight"] = nn.Parameter(new_weight.to(dtype=dtype, device=device), requires_grad=grad)
+    new._parameters["bias"] = nn.Parameter(shift.to(dtype=dtype, device=device), requires_grad=grad)
+    # The norm's work is inside this layer now: hooks registered on the conv would see another output.
+    new._forward_hooks = type(conv._forward_hooks)()
+    new._forward_pre_hooks = type(conv._forward_pre_hooks)()
+    return new
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    model.get_submodule(parent)._modules[leaf] = module
+
+
+def _reason(module: nn.Module) -> str:
+    if isinstance(module, _OTHER_NORMS):
+        return "statistics of each sample: not an affine map, cannot fold"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is None:
+        return "no running statistics (track_running_stats=False): cannot fold"
+    return "not preceded by a convolution whose output only it reads"
+
+
+@overload
+def fold(model: nn.Module, *, return_report: Literal[False] = ...) -> nn.Module: ...
+@overload
+def fold(model: nn.Module, *, return_report: Literal[True]) -> tuple[nn.Module, FoldReport]: ...
+
+
+def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """A copy of ``model`` with every foldable norm layer folded into the convolution before it.
+
+    Folds every ``nn.Conv1d/2d/3d`` (plain or weight-centralized, the centering baked in) directly
+    followed by an evaluation-mode ``MABN*d``, ``GhostBatchNorm*d``, ``BatchRenorm*d``,
+    ``GeneralBatchNorm*d``, ``nn.BatchNorm*d`` or ``nn.SyncBatchNorm`` into one plain ``nn.Conv*d``
+    with bias (see the module docstring for the formula), and likewise ``nn.Linear`` followed by a
+    1-D norm; the norm becomes ``nn.Identity``. "Directly followed" is read from a ``torch.fx``
+    trace of the model: the conv's output must feed the norm and nothing else, and neither module
+    may be shared or called twice. A model that cannot be traced (data-dependent control flow)
+    falls back to ``nn.Sequential`` neighbours and the blocks of :mod:`mabn.models`.
+
+    Afterwards nothing of this package is left: every remaining weight-centralized layer becomes
+    the plain layer with centered weights, and every remaining layer of this package that could not
+    fold becomes the equivalent ``nn.BatchNorm*d`` (:func:`to_batchnorm`). Norm layers that cannot
+    fold (GroupNorm, LayerNorm, InstanceNorm, a BatchNorm not after a conv) stay and are reported:
+    returned in a :class:`FoldReport` with ``return_report=True``, else logged as a warning on the
+    ``mabn.fold`` logger. The caller's model is not changed.
+
+    Args:
+        model: a model in evaluation mode (every sub-module).
+        return_report: also return the :class:`FoldReport`.
+
+    Returns:
+        The folded copy, or ``(copy, report)``.
+
+    Raises:
+        ValueError: ``model`` (or any sub-module) is in training mode.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> model = mabn.models.resnet_small(norm_layer="mabn", conv_layer="centralized").eval()
+        >>> folded, report = mabn.fold(model, return_report=True)
+        >>> len(report.folded), report.unfolded
+        (9, [])
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> torch.allclose(folded(x), model(x), atol=1e-5)
+        True
+    """
+    check_eval(model, "fold")
+    model = copy.deepcopy(model)
+    report = FoldReport()
+    try:
+        pairs = _pairs_from_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the structural fallback
+        report.traced, report.trace_error = False, f"{type(exc).__name__}: {exc}"
+        pairs = _pairs_from_structure(model)
+    for conv_name, norm_name in pairs:
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        _set(model, conv_name, _finish(conv, _fused(conv, norm)))
+        _set(model, norm_name, _finish(norm, nn.Identity()))
+        report.folded.append((conv_name, norm_name))
+    # What is left of this package becomes plain torch layers computing the same.
+    model = revert_model(model, centered_weights=True)
+    for name, m in model.named_modules():
+        if isinstance(m, (*_OTHER_NORMS, nn.modules.batchnorm._BatchNorm)):
+            report.unfolded.append((name, type(m).__name__, _reason(m)))
+    if report.unfolded and not return_report:
+        kept = ", ".join(f"{name or '<model>'} ({cls})" for name, cls, _ in report.unfolded[:8])
+        more = f" and {len(report.unfolded) - 8} more" if len(report.unfolded) > 8 else ""
+        logger.warning("fold: %d norm layers could not fold and stay: %s%s", len(report.unfolded), kept, more)
+    return (model, report) if return_report else model
+
+
+def to_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with this package's layers rewritten as plain torch layers, same outputs.
+
+    Every evaluation-mode layer of the family becomes ``nn.BatchNorm1d/2d/3d`` with the same affine
+    parameters and ``eps``: centered presets keep their running statistics, uncentered ones (MABN)
+    get ``running_mean = 0`` and ``running_var = R``. Every weight-centralized layer becomes the
+    plain ``nn.Conv*d`` / ``nn.Linear`` with the centered weight. The result computes what the model
+    did, and torch's deployment tools apply to it: ``torch.nn.utils.fusion.fuse_conv_bn_eval``,
+    ``torch.ao.quantization.fuse_modules``, ONNX and TorchScript export. The caller's model is not
+    changed.
+
+    Args:
+        model: a model in evaluation mode (every sub-module).
+
+    Returns:
+        The rewritten copy.
+
+    Raises:
+        ValueError: ``model`` (or any sub-module) is in training mode.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> model = torch.nn.Sequential(mabn.CenConv2d(3, 8, 3), mabn.MABN2d(8)).eval()
+        >>> plain = mabn.to_batchnorm(model)
+        >>> [type(m).__name__ for m in plain]
+        ['Conv2d', 'BatchNorm2d']
+        >>> fused = torch.nn.utils.fusion.fuse_conv_bn_eval(plain[0], plain[1])
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> torch.allclose(fused(x), model(x), atol=1e-6)
+        True
+    """
+    check_eval(model, "to_batchnorm")
+    return revert_model(copy.deepcopy(model), centered_weights=True)

@@ -1,0 +1,320 @@
+"""fold and to_batchnorm: equivalence, what folds and what stays, copies, torch fusion tools."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import mabn
+from mabn import models
+
+F64 = torch.float64
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machine's cores are shared: one intra-op thread avoids OpenMP waiting on busy cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _norm_layers(model):
+    return [m for m in model.modules() if isinstance(m, (mabn.modules._StreamNorm, nn.modules.batchnorm._BatchNorm))]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random affine parameters, running statistics of a real batch (momentum 1), then perturbed."""
+    for m in _norm_layers(model):
+        if m.weight is not None:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
+        m.momentum = 1.0
+    model.train()
+    model(x)
+    for m in _norm_layers(model):
+        m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.7, 1.4))
+        if m.running_mean is not None:
+            m.running_mean.add_(torch.randn_like(m.running_mean) * 0.1)
+    return model.eval()
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max absolute error relative to the largest output."""
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _assert_plain(model: nn.Module) -> None:
+    """Nothing of this package and no foldable norm left (only the norms that cannot fold)."""
+    for name, m in model.named_modules():
+        assert not type(m).__module__.startswith("mabn.modules"), name
+        assert not type(m).__module__.startswith("mabn.conv"), name
+        assert not isinstance(m, nn.modules.batchnorm._BatchNorm), name
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [(type(m), m.training) for m in model.modules()])
+
+
+def _assert_unchanged(model, snapshot):
+    state, types = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [(type(m), m.training) for m in model.modules()] == types
+
+
+SIZE = 96  # large enough that the last stage has 3x3 positions and its statistics are well estimated
+
+
+@pytest.fixture(scope="module")
+def resnet50_wc():
+    """ResNet-50 with MABN and weight centralization in float64, non-trivial affine and running statistics."""
+    torch.manual_seed(0)
+    model = models.resnet50(num_classes=10, norm_layer="mabn", conv_layer="centralized").double()
+    return calibrate(model, torch.randn(8, 3, SIZE, SIZE, dtype=F64))
+
+
+def _check_resnet50_folded(folded, report):
+    assert report.traced and report.unfolded == [] and len(report.folded) == 53
+    _assert_plain(folded)
+    assert sum(isinstance(m, nn.Identity) for m in folded.modules()) == 53
+    assert all(type(m) is nn.Conv2d and m.bias is not None for m in folded.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_resnet50_folds_exactly_in_float64(resnet50_wc):
+    snapshot = _snapshot(resnet50_wc)
+    folded, report = mabn.fold(resnet50_wc, return_report=True)
+    _assert_unchanged(resnet50_wc, snapshot)
+    _check_resnet50_folded(folded, report)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
+    with torch.no_grad():
+        expected, got = resnet50_wc(x), folded(x)
+    assert expected.abs().max() > 1e-3
+    assert rel_error(got, expected) <= 1e-10
+
+
+def test_resnet50_folds_in_float32(resnet50_wc):
+    # Centralized kernels on non-negative (post-ReLU) inputs cancel their common mode, so float32
+    # rounding is amplified: the float32 model itself is a few 1e-5 from the exact (float64) result.
+    model = copy.deepcopy(resnet50_wc).float()
+    folded, report = mabn.fold(model, return_report=True)
+    _check_resnet50_folded(folded, report)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
+    with torch.no_grad():
+        exact, unfolded, got = resnet50_wc(x), model(x.float()), folded(x.float())
+    assert rel_error(got, unfolded) <= 1e-4
+    assert rel_error(got.double(), exact) <= 1e-4
+
+
+@pytest.mark.parametrize("conv", [None, "centralized"])
+@pytest.mark.parametrize("norm", ["bn", "ghost_bn", "brn", "mabn", "uncentered", "uncentered_ema", "bn_ema_sma"])
+def test_every_member_of_the_family_folds(norm, conv):
+    model = models.resnet_small(norm_layer=norm, conv_layer=conv, width=8, in_channels=3).double()
+    calibrate(model, torch.randn(4, 3, 16, 16, dtype=F64))
+    folded, report = mabn.fold(model, return_report=True)
+    assert len(report.folded) == 9 and report.unfolded == []
+    _assert_plain(folded)
+    x = torch.randn(3, 3, 16, 16, dtype=F64)
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Sequential(mabn.CenConv1d(3, 4, 3, bias=True), mabn.MABN1d(4), nn.ReLU()), (4, 3, 9)),
+        (lambda: nn.Sequential(nn.Conv3d(3, 4, 3, stride=2, bias=True), nn.BatchNorm3d(4)), (4, 3, 5, 5, 5)),
+        (lambda: nn.Sequential(mabn.CenConv3d(3, 4, 1), mabn.GhostBatchNorm3d(4)), (4, 3, 3, 3, 3)),
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect"), mabn.BatchRenorm2d(6)
+            ),
+            (4, 4, 7, 7),
+        ),
+        (lambda: nn.Sequential(mabn.CenConv2d(4, 6, 3, groups=2, stride=2), mabn.MABN2d(6)), (4, 4, 7, 7)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)), (4, 3, 7, 7)),
+        (lambda: nn.Sequential(nn.Flatten(), mabn.CenLinear(12, 5), mabn.MABN1d(5)), (4, 3, 2, 2)),
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)), (4, 3, 2, 2)),
+    ],
+)
+def test_layers_of_every_kind(make, shape):
+    model = make().double()
+    x = torch.randn(shape, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert len(report.folded) == 1 and report.unfolded == []
+    _assert_plain(folded)
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+def test_refuses_training_mode():
+    model = models.resnet_small()
+    with pytest.raises(ValueError, match="evaluation mode"):
+        mabn.fold(model)
+    model.eval()
+    model.layer2[0].bn1.train()
+    with pytest.raises(ValueError, match=r"in training mode: layer2\.0\.bn1"):
+        mabn.fold(model)
+    with pytest.raises(TypeError, match="nn.Module"):
+        mabn.fold("model")
+
+
+def test_result_is_an_independent_copy():
+    model = calibrate(models.resnet_small(norm_layer="mabn", conv_layer="centralized"), torch.randn(4, 1, 12, 12))
+    folded = mabn.fold(model)
+    model_ptrs = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    assert not model_ptrs & {p.data_ptr() for p in folded.parameters()}
+    assert type(folded) is models.ResNet and not folded.training
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln", "in"])
+def test_norms_that_cannot_fold_are_reported(norm, caplog):
+    model = models.resnet_small(norm_layer=norm, conv_layer="centralized", width=8).eval()
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [] and len(report.unfolded) == 9
+    assert all("cannot fold" in reason for _, _, reason in report.unfolded)
+    assert {name for name, _, _ in report.unfolded} >= {"bn1", "layer1.0.bn1", "layer3.0.downsample.1"}
+    _assert_plain(folded)  # the centralization is baked in even so
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-5
+    with caplog.at_level(logging.WARNING, logger="mabn.fold"):
+        mabn.fold(model)
+    assert "9 norm layers could not fold" in caplog.text and "layer1.0.bn1" in caplog.text
+
+
+def test_norm_not_after_a_conv_stays_as_batchnorm():
+    model = nn.Sequential(mabn.MABN2d(3), nn.Conv2d(3, 4, 1), mabn.MABN2d(4), nn.ReLU(), mabn.MABN2d(4)).double()
+    x = torch.randn(4, 3, 5, 5, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [("1", "2")]
+    assert [(name, cls) for name, cls, _ in report.unfolded] == [("0", "BatchNorm2d"), ("4", "BatchNorm2d")]
+    assert "not preceded by a convolution" in report.unfolded[0][2]
+    assert [type(m) for m in folded] == [nn.BatchNorm2d, nn.Conv2d, nn.Identity, nn.ReLU, nn.BatchNorm2d]
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+class _ReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv's output is needed unnormalized too
+
+
+class _ReadsNormWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), mabn.MABN2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.weight.view(1, -1, 1, 1)
+
+
+def _shared_conv():
+    conv = nn.Conv2d(3, 3, 1)
+    return nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU(), conv, nn.BatchNorm2d(3))
+
+
+@pytest.mark.parametrize("make", [_ReadTwice, _ReadsNormWeight, _shared_conv])
+def test_unsafe_pairs_are_not_folded(make):
+    model = make().double()
+    x = torch.randn(4, 3, 5, 5, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [] and report.unfolded
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(mabn.CenConv2d(3, 8, 3, padding=1), mabn.MABN2d(8), nn.ReLU())
+        self.block = models.BasicBlock(8, 8, 1, None, lambda c: mabn.MABN2d(c), mabn.CenConv2d)
+        self.conv, self.bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)  # data flow unknown without a trace
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            return self.bn(self.conv(x))
+        return -x
+
+
+def test_untraceable_model_falls_back_to_the_structure():
+    model = _Untraceable().double()
+    calibrate(model, torch.randn(4, 3, 6, 6, dtype=F64).abs())
+    folded, report = mabn.fold(model, return_report=True)
+    assert not report.traced and report.trace_error
+    assert sorted(report.folded) == [("block.conv1", "block.bn1"), ("block.conv2", "block.bn2"), ("stem.0", "stem.1")]
+    assert [name for name, _, _ in report.unfolded] == ["bn"]
+    for x in (torch.randn(2, 3, 6, 6, dtype=F64).abs(), -torch.randn(2, 3, 6, 6, dtype=F64).abs() * 100):
+        with torch.no_grad():
+            assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+def test_model_that_is_a_single_norm():
+    layer = mabn.MABN2d(3).eval()
+    folded, report = mabn.fold(layer, return_report=True)
+    assert type(folded) is nn.BatchNorm2d and report.unfolded[0][:2] == ("", "BatchNorm2d")
+    assert type(layer) is mabn.MABN2d
+
+
+def test_to_batchnorm_rewrites_with_the_same_outputs():
+    model = models.resnet_small(norm_layer="mabn", conv_layer="centralized", width=8).double()
+    calibrate(model, torch.randn(4, 1, 12, 12, dtype=F64))
+    snapshot = _snapshot(model)
+    plain = mabn.to_batchnorm(model)
+    _assert_unchanged(model, snapshot)
+    assert not any(type(m).__module__.startswith("mabn.") for m in plain.modules() if m is not plain and
+                   not isinstance(m, (models.BasicBlock, models.ResNet)))  # fmt: skip
+    assert type(plain.bn1) is nn.BatchNorm2d and torch.equal(plain.bn1.running_mean, torch.zeros(8, dtype=F64))
+    assert torch.equal(plain.bn1.running_var, model.bn1.running_var)
+    assert_close(plain.conv1.weight.mean(dim=(1, 2, 3)), torch.zeros(8, dtype=F64), atol=1e-15, rtol=0)
+    x = torch.randn(2, 1, 12, 12, dtype=F64)
+    with torch.no_grad():
+        assert rel_error(plain(x), model(x)) <= 1e-12
+    with pytest.raises(ValueError, match="to_batchnorm needs a model in evaluation mode"):
+        mabn.to_batchnorm(model.train())
+
+
+@pytest.mark.parametrize("norm", [mabn.MABN2d, mabn.GhostBatchNorm2d, mabn.BatchRenorm2d])
+def test_fuse_conv_bn_eval_applies_after_to_batchnorm(norm):
+    model = nn.Sequential(mabn.CenConv2d(3, 6, 3, bias=True), norm(6)).double()
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    calibrate(model, x)
+    plain = mabn.to_batchnorm(model)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(plain[0], plain[1])
+    with torch.no_grad():
+        assert rel_error(fused(x), model(x)) <= 1e-12
+
+
+def test_quantization_fuse_modules_applies_after_to_batchnorm():
+    from torch.ao.quantization import fuse_modules
+
+    model = models.resnet_small(norm_layer="mabn", conv_layer="centralized", width=8, depth=2)
+    calibrate(model, torch.randn(4, 1, 12, 12))
+    plain = mabn.to_batchnorm(model)
+    groups = [["conv1", "bn1", "relu"]]
+    for name, m in plain.named_modules():
+        if isinstance(m, models.BasicBlock):
+            groups += [[f"{name}.conv1", f"{name}.bn1"], [f"{name}.conv2", f"{name}.bn2"]]
+            if m.downsample is not None:
+                groups.append([f"{name}.downsample.0", f"{name}.downsample.1"])
+    fused = fuse_modules(plain, groups)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert type(fused.conv1).__name__ == "ConvReLU2d"
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert rel_error(fused(x), model(x)) <= 1e-5
