@@ -101,6 +101,7 @@ def test_ghost_bn_groups_are_torch_batchnorm_per_group():
     y = ours(x)
     y.backward(dy)
     per_group_stats = []
+    weight_grad = bias_grad = None
     for g in range(3):
         ref = nn.BatchNorm2d(4, dtype=F64)
         ref.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ref.state_dict()}, strict=False)
@@ -112,6 +113,10 @@ def test_ghost_bn_groups_are_torch_batchnorm_per_group():
         assert_close(y[2 * g : 2 * g + 2], yg)
         assert_close(x.grad[2 * g : 2 * g + 2], xg.grad)
         per_group_stats.append((ref.running_mean, ref.running_var))
+        weight_grad = weight_grad + ref.weight.grad if g else ref.weight.grad
+        bias_grad = bias_grad + ref.bias.grad if g else ref.bias.grad
+    assert_close(ours.weight.grad, weight_grad)
+    assert_close(ours.bias.grad, bias_grad)
     # Once per call with the mean over the groups: (1 - m) * 1 + m * mean(var_g) etc.
     assert_close(ours.running_mean, sum(s[0] for s in per_group_stats) / 3)
     assert_close(ours.running_var, sum(s[1] for s in per_group_stats) / 3)
@@ -139,6 +144,7 @@ def test_family_matches_naive_reference(centered, forward_stats, renorm, backwar
     layer = mabn.GeneralBatchNorm2d(3, **kw, dtype=F64)
     _randomize_affine(layer)
     ref = NaiveNorm(3, **kw)
+    clipped = 0
     for step in range(40):
         x = (torch.randn(6, 3, 4, 4, dtype=F64) * (0.3 + (step % 7) * 0.4) + 0.02 * step).requires_grad_()
         dy = torch.randn_like(x)
@@ -154,6 +160,10 @@ def test_family_matches_naive_reference(centered, forward_stats, renorm, backwar
         if centered:
             assert_close(layer.running_mean, ref.running_mean)
         layer.zero_grad()
+        if renorm and step + 1 > 12:  # r (and d) actually clipped at some step: the bounds are exercised
+            r = torch.stack([s[2] for s in saved])
+            clipped += int(((r - 1.5).abs() < 1e-12).any() or ((r - 1 / 1.5).abs() < 1e-12).any())
+    assert clipped > 0 or not renorm
 
 
 def test_mabn_module_matches_naive_reference():

@@ -2,6 +2,7 @@
 
 import copy
 import doctest
+import importlib
 
 import pytest
 import torch
@@ -173,15 +174,20 @@ def test_no_host_synchronization(monkeypatch):
     assert calls == []
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize(
+    "make_norm",
+    [
+        lambda: mabn.MABN2d(8, norm_batch_size=2, window=3, warmup_iters=2, renorm_warmup_iters=3),
+        lambda: mabn.MABN2d(8, window=3, warmup_iters=2, renorm_warmup_iters=3),
+        lambda: mabn.GhostBatchNorm2d(8, norm_batch_size=2),
+    ],
+    ids=["mabn-groups", "mabn-whole-batch", "ghost-bn"],
+)
+def test_torch_compile_fullgraph_matches_eager(make_norm):
     torch._dynamo.reset()
 
     def block():
-        return nn.Sequential(
-            mabn.CenConv2d(3, 8, 3, padding=1, bias=False),
-            mabn.MABN2d(8, norm_batch_size=2, window=3, warmup_iters=2, renorm_warmup_iters=3),
-            nn.ReLU(),
-        )
+        return nn.Sequential(mabn.CenConv2d(3, 8, 3, padding=1, bias=False), make_norm(), nn.ReLU())
 
     eager = block()
     compiled_module = copy.deepcopy(eager)
@@ -274,6 +280,17 @@ def test_bad_input_changes_nothing(cls, make_input, exc, fragment):
     assert all(torch.equal(a, b) for a, b in zip(params, layer.parameters()))
 
 
+@pytest.mark.parametrize("norm_batch_size", [None, 2])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_input_dtype_other_than_the_layer_dtype(input_dtype, norm_batch_size):
+    layer = mabn.MABN2d(3, dtype=F64, norm_batch_size=norm_batch_size)
+    x = torch.randn(4, 3, 5, 5).to(input_dtype).requires_grad_()
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == input_dtype and x.grad.dtype == input_dtype
+    assert layer.num_batches_tracked.item() == 1 and layer.running_var.dtype == F64
+
+
 @pytest.mark.parametrize("cls", LAYERS_2D)
 def test_non_finite_input_skips_the_statistics_update(cls):
     layer = _trained(cls, steps=3, norm_batch_size=2)
@@ -328,7 +345,11 @@ def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
         assert torch.equal(back.state_dict()[k], v)
 
 
-@pytest.mark.parametrize("module", [mabn.modules, mabn.conv])
+@pytest.mark.parametrize(
+    "module",
+    ["modules", "conv", "functional", "factory", "models", "convert", "fold", "export", "monitor"],
+)
 def test_docstring_examples_run(module):
+    module = importlib.import_module(f"mabn.{module}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -1,6 +1,11 @@
 """mabn: Moving Average Batch Normalization and the small-batch normalization family for PyTorch."""
 
+from . import models
 from .conv import CENTRALIZED, CenConv1d, CenConv2d, CenConv3d, CenLinear, centralize_weight
+from .convert import convert_model, revert_model
+from .export import export_model
+from .factory import NORM_NAMES, create_norm_layer
+from .fold import FoldReport, fold, to_batchnorm
 from .functional import NormConfig, NormState, stream_norm
 from .modules import (
     PRESETS,
@@ -17,6 +22,7 @@ from .modules import (
     MABN2d,
     MABN3d,
 )
+from .monitor import BatchStatsMonitor, read_stats_log
 
 __version__ = "0.1.0"
 
@@ -43,4 +49,15 @@ __all__ = [
     "CenLinear",
     "CENTRALIZED",
     "centralize_weight",
+    "create_norm_layer",
+    "NORM_NAMES",
+    "convert_model",
+    "revert_model",
+    "fold",
+    "to_batchnorm",
+    "FoldReport",
+    "export_model",
+    "BatchStatsMonitor",
+    "read_stats_log",
+    "models",
 ]

@@ -207,6 +207,9 @@ def _group_second_moment(x: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
 
 def _group_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """Per-group, per-channel sum(dy) and sum(dy * (x - mean)), each (G, C)."""
+    # The native kernel wants its vectors in the activations' statistics dtype (float32 for halves).
+    out_dtype = mean.dtype
+    mean = mean.to(torch.promote_types(_stat_dtype(x), _stat_dtype(dy)))
     ones = torch.ones_like(mean[0])
     sum_dy, sum_dy_xmu = [], []
     for i, (dyg, xg) in enumerate(zip(_group_slices(dy, groups), _group_slices(x, groups))):
@@ -217,12 +220,15 @@ def _group_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, groups: int) -> tuple[
         )
         sum_dy_xmu.append(dw)
         sum_dy.append(db)
-    return torch.stack(sum_dy), torch.stack(sum_dy_xmu)
+    return torch.stack(sum_dy).to(out_dtype), torch.stack(sum_dy_xmu).to(out_dtype)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     # Statistics of half-precision activations are accumulated and kept in float32.
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return torch.float32 if x.dtype in _HALF else x.dtype
 
 
 class _NormFunction(torch.autograd.Function):
@@ -247,7 +253,7 @@ class _NormFunction(torch.autograd.Function):
             shift = shift + bias.to(shift.dtype)
         ctx.save_for_backward(x, weight, packed)
         ctx.state, ctx.config, ctx.groups = state, config, groups
-        if groups == 1:
+        if groups == 1 and (x.dtype == scale.dtype or (x.dtype in _HALF and scale.dtype == torch.float32)):
             # One group: the native inference kernel (mean 0, variance 1, eps 0) is the fastest
             # per-channel affine on every layout and returns a fresh tensor in the input's format.
             unit = torch.ones_like(scale[0])
@@ -341,6 +347,27 @@ def stream_norm(
     non-finite output as BatchNorm would, but leaves every buffer untouched, so one bad batch (for
     example an fp16 overflow that a gradient scaler skips) cannot poison the running statistics or
     the windows. The same holds for the backward window.
+
+    Args:
+        input: activations of shape (N, C, \*); float16/bfloat16 statistics are computed in float32.
+        weight, bias: per-channel affine parameters (C,) or ``None``.
+        state: the layer's buffers (:class:`NormState`), updated in place in training mode.
+        config: the member of the family and its hyper-parameters (:class:`NormConfig`).
+        training: batch statistics and buffer updates (True) or the running statistics (False).
+
+    Returns:
+        The normalized tensor, same shape, dtype and memory format as ``input``.
+
+    Example::
+
+        >>> import torch
+        >>> from mabn.functional import NormConfig, NormState, stream_norm
+        >>> c = 4
+        >>> state = NormState(None, torch.ones(c), torch.tensor(0), torch.zeros(16, 1, c), torch.tensor(0),
+        ...                   torch.zeros(16, 1, c), torch.tensor(0), torch.tensor(0))
+        >>> y = stream_norm(torch.randn(8, c, 5, 5), None, None, state, NormConfig(norm_batch_size=2), True)
+        >>> y.shape, int(state.forward_steps)
+        (torch.Size([8, 4, 5, 5]), 4)
     """
     groups = check_input(input, int(state.running_var.shape[0]), config.norm_batch_size, training)
     if config.forward_stats == "sma" and state.forward_window is None:
@@ -396,23 +423,35 @@ def stream_norm(
                 d_raw = (used_mean - state.running_mean.to(dtype)) / running_std
                 d = torch.where(active, d_raw.clamp(-config.d_max, config.d_max), d)
 
-        # Running (EMA) statistics, once per call from the mean over the call's groups.
+        # Running (EMA) statistics, once per call from the mean over the call's groups. A call with
+        # non-finite statistics keeps every buffer as it was.
         mom = config.momentum
-        running_var_target = used_var * (n / (n - 1)) if config.centered else used_var
-        new_running_var = running_var_target.mean(0) * mom + running_var * (1.0 - mom)
         finite = torch.isfinite(batch).all()
-        state.running_var.copy_(torch.where(finite, new_running_var, running_var))
+        running_var_target = used_var * (n / (n - 1)) if config.centered else used_var
+        updates: list[tuple[Tensor, Tensor]] = [
+            (
+                state.running_var,
+                torch.where(finite, running_var_target.mean(0) * mom + running_var * (1.0 - mom), running_var),
+            ),
+            (state.num_batches_tracked, state.num_batches_tracked + finite.to(state.num_batches_tracked.dtype)),
+        ]
         if config.centered:
             old_mean = state.running_mean.to(dtype)
-            state.running_mean.copy_(torch.where(finite, used_mean.mean(0) * mom + old_mean * (1.0 - mom), old_mean))
+            updates.append(
+                (state.running_mean, torch.where(finite, used_mean.mean(0) * mom + old_mean * (1.0 - mom), old_mean))
+            )
         if new_window is not None:
-            state.forward_window.copy_(torch.where(finite, new_window, state.forward_window))
-            state.forward_steps.add_(finite.to(state.forward_steps.dtype) * groups)
-        state.num_batches_tracked.add_(finite.to(state.num_batches_tracked.dtype))
+            updates.append((state.forward_window, torch.where(finite, new_window, state.forward_window)))
+            updates.append((state.forward_steps, state.forward_steps + finite.to(state.forward_steps.dtype) * groups))
 
         # Everything the backward needs in one tensor: torch.compile's partitioner never recomputes a
         # `cat` in the backward, so the backward cannot re-read buffers this forward has updated.
         zeros = torch.zeros_like(invstd)
         packed = torch.stack([invstd, r, used_mean if config.centered else zeros, d if config.centered else zeros])
 
-    return _NormFunction.apply(input, weight, bias, packed, state, config, groups)
+    output = _NormFunction.apply(input, weight, bias, packed, state, config, groups)
+    # The buffers move only once the output exists, so an error above leaves the layer as it was.
+    with torch.no_grad():
+        for buffer, value in updates:
+            buffer.copy_(value)
+    return output

@@ -356,6 +356,12 @@ _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR
     statistics are not finite leaves every buffer untouched. Statistics of float16/bfloat16 input
     are computed in float32. Pair it with weight-centralized convolutions (:class:`mabn.CenConv2d`).
 
+    Every training forward is a step of the stream: with gradient accumulation over k calls the
+    warm-ups count k calls per optimizer step, and activation checkpointing (which runs the forward
+    twice) advances the stream twice, unlike the statistics the backward saw. The backward window
+    holds :math:`\Psi` of the gradients as they arrive, so with a loss scaler whose scale changes
+    the window mixes scales until it has refilled.
+
     Args:
         num_features: number of channels C.
         eps: added to the second moment. Default: ``1e-5``.
