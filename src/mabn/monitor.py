@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .functional import _sliding_mean
 from .modules import _StreamNorm
 
 __all__ = ["BatchStatsMonitor", "STATISTICS", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
@@ -95,10 +96,9 @@ def _window_sma(
     if before is not None and pushed == 0:
         return None  # the call pushed nothing (non-finite statistics): the window is not this call's
     if before is not None and pushed == groups and groups <= m:
-        seq = torch.cat([before, after[m - groups :]], dim=0)  # (m + G, k, C), oldest first
-        sums = torch.stack([seq[j + 1 : j + 1 + m].sum(0) for j in range(groups)])
-        counts = [min(steps_before + j + 1, m) for j in range(groups)]
-        return sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).view(groups, 1, 1)
+        # The engine's own sliding mean, replayed on the entries this call pushed.
+        steps = torch.tensor(steps_before, device=before.device)
+        return _sliding_mean(before, steps, after[m - groups :])[0]
     valid = min(steps_after, m)
     if valid <= 0:
         return None
