@@ -1,0 +1,124 @@
+"""mabn reproduce: grid definitions, a tiny grid end to end, resuming, summaries and the sweep plot."""
+
+import csv
+import json
+
+import pytest
+
+from mabn import cli, reproduce
+from mabn import train as trainer
+
+TINY = ["--data", "synthetic", "--limit-train", "96", "--limit-test", "64", "--width", "4", "--epochs", "1",
+        "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+def test_grids_follow_the_protocol(tmp_path):
+    labels = {g: [r.label for r in reproduce.GRIDS[g]] for g in reproduce.GRIDS}
+    assert labels["table1"] == ["BN(32)", "BN(2)", "BRN(2)", "MABN(2)", "GN"]
+    assert labels["quick"] == ["BN(32)", "BN(2)", "MABN(2)"]
+    sweep = {(r.method, r.norm_batch_size) for r in reproduce.GRIDS["batch-sweep"]}
+    assert sweep == {(m, b) for m in ("BN", "BRN") for b in (2, 4, 8, 16, 32)} | {
+        ("MABN", b) for b in (1, 2, 4, 8, 16, 32)
+    }
+    ablation = reproduce.GRIDS["ablation"]
+    assert len(ablation) == 16 and sum(r.wc for r in ablation) == 8
+    assert {r.norm for r in ablation} == {"bn", "brn", "bn_ema_sma", "uncentered", "uncentered_ema", "mabn"}
+    base = {**trainer.DEFAULTS, **reproduce.PROTOCOL}
+    for grid, runs in reproduce.GRIDS.items():
+        configs = [trainer.check_config(r.config(base, 1, tmp_path)) for r in runs]
+        assert len({c["out"] for c in configs}) == len(runs), grid  # one directory per row
+        for c, r in zip(configs, runs):
+            # Same gradient batch, model, schedule and seed everywhere; only the norm, B and WC change.
+            assert (c["batch_size"], c["arch"], c["width"], c["depth"], c["lr"], c["epochs"], c["seed"]) == (
+                32, "resnet_small", 16, 1, base["lr"], base["epochs"], 1)  # fmt: skip
+            assert c["conv"] == ("centralized" if r.wc else "none")
+    mabn2 = next(r for r in reproduce.GRIDS["table1"] if r.norm == "mabn")
+    assert mabn2.wc and mabn2.norm_batch_size == 2
+
+
+def test_quick_grid_end_to_end_then_skips_finished_runs(tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["reproduce", "quick", "--out", str(out), "--results-dir", str(results), *TINY]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| BN | 32 | no | 1 |" in printed and "MABN(2) − BN(32)" in printed
+    with open(results / "quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["norm_batch_size"], r["wc"]) for r in rows] == [
+        ("BN", "32", "False"), ("BN", "2", "False"), ("MABN", "2", "True")]  # fmt: skip
+    for row, run in zip(rows, reproduce.GRIDS["quick"]):
+        result = json.loads((out / run.slug / "seed0" / "result.json").read_text())
+        assert float(row["error"]) == pytest.approx(result["error"], abs=0.005)
+        assert row["epochs"] == "1" and float(row["wall_time_s"]) >= 0
+    md = (results / "quick.md").read_text()
+    assert "mabn reproduce quick" in md and "Δ vs BN(32)" in md
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert cli.main(argv) == 0  # everything is finished: nothing is trained again
+    assert "(done, skipped)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+
+
+def test_interrupted_grid_resumes_the_stopped_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["reproduce", "quick", "--out", str(out), "--results-dir", str(tmp_path), *TINY]
+    argv[argv.index("--epochs") + 1] = "2"
+    base = {**trainer.DEFAULTS, **reproduce.PROTOCOL, "data": "synthetic", "limit_train": 96, "limit_test": 64,
+            "width": 4, "epochs": 2, "threads": 1}  # fmt: skip
+    run = reproduce.GRIDS["quick"][2]
+    trainer.train(run.config(base, 0, out), stop_after=1)  # as if the grid was killed after one epoch
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    resumed = json.loads((out / run.slug / "seed0" / "result.json").read_text())
+    fresh = trainer.train(run.config(base, 0, tmp_path / "fresh"))
+    assert resumed["param_digest"] == fresh["param_digest"]
+    assert resumed["epochs_done"] == 2
+
+
+def test_summary_mean_std_and_difference_to_bn32():
+    def row(label, norm, b, seed, error, wc=False):
+        return {"label": label, "method": label.split("(")[0], "norm": norm, "norm_batch_size": b, "wc": wc,
+                "seed": seed, "epochs": 3, "error": error, "error_folded": error, "diverged": False,
+                "wall_time_s": 10.0, "train_time_per_epoch_s": 3.0}  # fmt: skip
+
+    rows = [row("BN(32)", "bn", 32, 0, 10.0), row("BN(32)", "bn", 32, 1, 12.0), row("BN(2)", "bn", 2, 0, 15.0),
+            row("BN(2)", "bn", 2, 1, 16.0), row("MABN(2)", "mabn", 2, 0, 11.0, True)]  # fmt: skip
+    summary = {s["label"]: s for s in reproduce.summarize(rows)}
+    assert summary["BN(32)"]["mean"] == pytest.approx(11.0) and summary["BN(32)"]["std"] == pytest.approx(2**0.5)
+    assert summary["BN(2)"]["delta"] == pytest.approx(4.5) and summary["MABN(2)"]["std"] is None
+    md = reproduce.markdown("table1", rows, {**trainer.DEFAULTS, **reproduce.PROTOCOL})
+    assert "| BN | 2 | no | 2 | 15.50 ± 0.71 |" in md and "| MABN | 2 | yes | 1 | 11.00 |" in md
+    assert "BN(2) − BN(32) = +4.50 points, more than twice the largest seed spread (1.41): met" in md
+    assert "MABN(2) − BN(32) = +0.00 points, target ≤ +0.30: met" in md
+
+
+def test_sweep_plot_is_a_png(tmp_path):
+    rows = []
+    for method, sizes in (("BN", (2, 8, 32)), ("MABN", (1, 2, 32))):
+        for b in sizes:
+            rows.append({"label": f"{method}({b})", "method": method, "norm": method.lower(), "norm_batch_size": b,
+                         "wc": method == "MABN", "seed": 0, "epochs": 1, "error": 10.0 + 8 / b, "error_folded": None,
+                         "diverged": False, "wall_time_s": 1.0, "train_time_per_epoch_s": 1.0})  # fmt: skip
+    paths = reproduce.write_summary("batch-sweep", rows, tmp_path, {**trainer.DEFAULTS, **reproduce.PROTOCOL})
+    assert [p.name for p in paths] == ["batch-sweep.csv", "batch-sweep.md", "batch-sweep.png"]
+    assert (tmp_path / "batch-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["table9"], "unknown grid 'table9'"),
+        (["quick", "--seeds", "0"], "--seeds must be >= 1"),
+        (["quick", "--data", "cifar"], "unknown data source 'cifar'"),
+    ],  # fmt: skip
+)
+def test_bad_input(tmp_path, capsys, argv, message):
+    assert cli.main(["reproduce", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_list_prints_the_runs(tmp_path, capsys):
+    assert cli.main(["reproduce", "batch-sweep", "--list", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 16 and "MABN(1)" in lines[-1]

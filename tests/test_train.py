@@ -1,0 +1,204 @@
+"""mabn train: outputs, bit-identical resume, atomic checkpoints, schedules and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mabn import cli
+from mabn import train as trainer
+
+
+def _config(out, **overrides):
+    config = {
+        "data": "synthetic",
+        "limit_train": 128,
+        "limit_test": 64,
+        "width": 4,
+        "epochs": 2,
+        "threads": 1,
+        "out": str(out),
+    }
+    config.update(overrides)
+    return config
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_writes_config_metrics_checkpoint_and_result(tmp_path):
+    out = tmp_path / "run"
+    result = trainer.train(_config(out, norm="mabn", norm_batch_size=2, conv="centralized"))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "result.json"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and all(m["steps"] == 4 for m in lines)
+    assert all(math.isfinite(m["train_loss"]) and m["images_per_s"] > 0 for m in lines)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["norm"] == "mabn" and saved["model_config"]["norm_kwargs"] == {"norm_batch_size": 2}
+    assert saved["model_config"]["conv"] == "centralized"
+    ckpt = _load(out / "checkpoint.pt")
+    assert ckpt["format"] == "mabn-checkpoint" and ckpt["version"] == 1 and ckpt["epoch"] == 2
+    assert ckpt["model_config"] == saved["model_config"]
+    # The checkpoint's model rebuilds from its own model_config (the contract `mabn export` relies on).
+    from mabn.models import build_model
+
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    assert trainer.param_digest(model) == result["param_digest"]
+    assert 0.0 <= result["error"] <= 100.0 and result["error"] == lines[-1]["test_error"]
+    assert json.loads((out / "result.json").read_text())["error"] == result["error"]
+
+
+@pytest.mark.parametrize("norm,conv", [("mabn", "centralized"), ("brn", "none"), ("gn", "none")])
+def test_folded_model_has_the_same_error(tmp_path, norm, conv):
+    pytest.importorskip("mabn.fold")
+    nbs = None if norm == "gn" else 2
+    result = trainer.train(_config(tmp_path, norm=norm, norm_batch_size=nbs, conv=conv, epochs=1, limit_test=256))
+    if result["error_folded"] is None:
+        pytest.skip(f"fold does not handle {norm}: {result['fold_note']}")
+    # Folding changes float rounding only: at most one of 256 predictions may flip.
+    assert abs(result["error_folded"] - result["error"]) <= 100.0 / 256 + 1e-9
+
+
+def _state(path):
+    ckpt = _load(path)
+    return ckpt["model"], ckpt["optimizer"]["state"]
+
+
+@pytest.mark.parametrize(
+    "norm,conv,opts",
+    [
+        ("mabn", "centralized", {"warmup_iters": 3, "renorm_warmup_iters": 5}),
+        ("brn", "none", {"renorm_warmup_iters": 5}),
+    ],
+)
+def test_resume_ends_with_the_same_weights(tmp_path, norm, conv, opts):
+    # Short warm-ups, so that the SMA windows and renormalization are live across the interruptions.
+    kwargs = dict(norm=norm, norm_batch_size=2, conv=conv, epochs=3, norm_opts=opts)
+    full = trainer.train(_config(tmp_path / "full", **kwargs))
+    stopped = trainer.train(_config(tmp_path / "split", **kwargs), stop_after=1)
+    assert stopped["stopped"] and stopped["epochs_done"] == 1
+    assert _load(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    assert not (tmp_path / "split" / "result.json").exists()
+    again = trainer.train(_config(tmp_path / "split", **kwargs), stop_after=2, resume=True)
+    assert again["stopped"] and again["epochs_done"] == 2
+    resumed = trainer.train(_config(tmp_path / "split", **kwargs), resume=True)
+    assert resumed["param_digest"] == full["param_digest"]
+    (model_a, opt_a), (model_b, opt_b) = (
+        _state(tmp_path / "full" / "checkpoint.pt"),
+        _state(tmp_path / "split" / "checkpoint.pt"),
+    )
+    assert model_a.keys() == model_b.keys()
+    for key in model_a:  # parameters and every buffer (running stats, SMA windows, counters)
+        assert torch.equal(model_a[key], model_b[key]), key
+    for key in opt_a:
+        assert torch.equal(opt_a[key]["momentum_buffer"], opt_b[key]["momentum_buffer"])
+    assert resumed["error"] == full["error"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    trainer.train(_config(tmp_path, epochs=2), stop_after=1)
+    with pytest.raises(ValueError, match="different configuration.*lr: 0.05 -> 0.1"):
+        trainer.train(_config(tmp_path, epochs=2, lr=0.1), resume=True)
+
+
+def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    trainer.atomic_save({"a": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.atomic_save({"a": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no stray temporary file
+
+
+def test_learning_rate_schedules():
+    c = trainer.check_config({"epochs": 4, "lr": 0.1, "warmup_epochs": 1})
+    lrs = [trainer.learning_rate(c, s, 10) for s in range(40)]
+    assert lrs[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])  # linear warm-up to the peak
+    assert lrs[10] == pytest.approx(0.1) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decays monotonically
+    s = trainer.check_config({"epochs": 4, "lr": 0.1, "warmup_epochs": 0, "schedule": "step", "milestones": [2, 3]})
+    assert [trainer.learning_rate(s, k, 10) for k in (0, 19, 20, 29, 30, 39)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+
+
+def test_divergence_is_recorded(tmp_path):
+    result = trainer.train(_config(tmp_path, lr=1e12, epochs=3))
+    assert result["diverged"] and result["epochs_done"] < 3
+    assert json.loads((tmp_path / "result.json").read_text())["diverged"]
+
+
+def _cli(argv, capsys):
+    code = cli.main(["train", *argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+BASE = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--width", "4", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--norm", "nope"], "unknown norm layer 'nope'"),
+        (["--data", "mnist"], "unknown data source 'mnist'"),
+        (["--norm-batch-size", "3"], "--norm-batch-size 3 does not divide --batch-size 32"),
+        (["--data", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "dataset-fashion-mnist"),
+        (["--data", "imagefolder", "--data-dir", "/nonexistent/in"], "does not exist"),
+        (["--arch", "vgg"], "unknown --arch 'vgg'"),
+        (["--norm", "gn", "--norm-batch-size", "2"], "does not apply to the per-sample"),
+        (["--norm-opt", "window"], "--norm-opt expects KEY=VALUE"),
+        (["--resume"], "no checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, err = _cli([*BASE, "--out", str(out), *argv], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_and_existing_run_leave_files_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli([*BASE, "--out", str(out)], capsys)[0] == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = _cli([*BASE, "--out", str(out)], capsys)  # a second run without --resume
+    assert code == 2 and "already holds a run" in err and err.count("\n") == 1
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(files["checkpoint.pt"][: len(files["checkpoint.pt"]) // 2])  # truncated file
+    files["checkpoint.pt"] = ckpt.read_bytes()
+    code, err = _cli([*BASE, "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "corrupt or unreadable" in err and err.count("\n") == 1 and "Traceback" not in err
+    ckpt.write_bytes(b"\x00" * 100)
+    files["checkpoint.pt"] = ckpt.read_bytes()
+    code, err = _cli([*BASE, "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "corrupt or unreadable" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_python_m_mabn_train_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mabn.train", *BASE, "--norm-batch-size", "5", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "mabn train: error: --norm-batch-size 5 does not divide --batch-size 32"
