@@ -13,15 +13,6 @@ from mabn import models
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's cores are shared: one intra-op thread avoids OpenMP waiting on busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize_bn(model: nn.Module) -> None:
     """Non-trivial affine parameters and running statistics in every BatchNorm."""
     with torch.no_grad():

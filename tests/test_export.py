@@ -15,16 +15,6 @@ from torch.testing import assert_close
 import mabn
 from mabn import cli, models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's cores are shared: one intra-op thread avoids OpenMP waiting on busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 CONFIG = {

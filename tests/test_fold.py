@@ -15,15 +15,6 @@ F64 = torch.float64
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's cores are shared: one intra-op thread avoids OpenMP waiting on busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _norm_layers(model):
     return [m for m in model.modules() if isinstance(m, (mabn.modules._StreamNorm, nn.modules.batchnorm._BatchNorm))]
 

@@ -14,15 +14,6 @@ from mabn import models
 PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's cores are shared: one intra-op thread avoids OpenMP waiting on busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch", list(PARAMS))
 def test_imagenet_resnets_size_and_shape(arch):
     model = getattr(models, arch)()

@@ -14,16 +14,6 @@ from mabn.monitor import BatchStatsMonitor, read_stats_log, write_stats_csv, wri
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared machine the thread pool's
-    # synchronization makes them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _by(records, **keys):
     return [r for r in records if all(r.get(k) == v for k, v in keys.items())]
 

@@ -14,16 +14,6 @@ from mabn.monitor import read_stats_log, write_stats_csv, write_stats_jsonl
 from mabn.stats import format_table, summarize, train_with_monitor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared machine the thread pool's
-    # synchronization makes them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_records():
     """Records of the three runs on a width-2 ResNet, a few steps on random 28x28 images."""
