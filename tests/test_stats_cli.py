@@ -3,32 +3,42 @@
 from __future__ import annotations
 
 import math
+import shlex
 
 import pytest
-import torch
 from PIL import Image
 
 from mabn.cli import main
 from mabn.data import FASHION_MNIST_DIR
 from mabn.monitor import read_stats_log, write_stats_csv, write_stats_jsonl
-from mabn.stats import format_table, summarize, train_with_monitor
+from mabn.stats import format_table, run_config, summarize, train_command
+from mabn.train import STATS_LOG, train
 
 
 @pytest.fixture(scope="module")
-def tiny_records():
-    """Records of the three runs on a width-2 ResNet, a few steps on random 28x28 images."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (64,), generator=gen)
+def tiny_records(tmp_path_factory):
+    """Records of the three runs of ``mabn stats``, trained by ``mabn.train`` on a width-2 ResNet for 4 steps."""
+    root = tmp_path_factory.mktemp("stats-runs")
     records = []
     for run_name in ("bn", "uncentered", "mabn"):
-        run_records, layer = train_with_monitor(
-            run_name, images, labels, steps=4, batch_size=8, norm_batch_size=2, lr=0.01, width=2, depth=1, seed=0,
-            layer=None, all_layers=run_name == "bn", every=1, progress=False,
-        )  # fmt: skip
-        assert layer == "layer1.0.bn1"
-        records += run_records
+        args = stats_parser().parse_args(
+            ["--steps", "4", "--batch-size", "8", "--width", "2", "--runs-dir", str(root), "--lr", "0.01"]
+            + (["--all-layers"] if run_name == "bn" else [])
+        )
+        config = {**run_config(run_name, args), "data": "synthetic", "limit_train": 64, "limit_test": 16}
+        train(config, progress=False)
+        records += [{"run": run_name, **r} for r in read_stats_log(root / run_name / STATS_LOG)]
     return records
+
+
+def stats_parser():
+    import argparse
+
+    from mabn.stats import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
 
 
 def test_records_of_the_runs(tiny_records):
@@ -95,13 +105,32 @@ def test_stats_from_log_other_layer_and_errors(tiny_records, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
-def test_stats_trains_on_fashion_mnist(tmp_path, capsys):
-    out = tmp_path / "run"
+def test_stats_trains_through_mabn_train(tmp_path, capsys):
+    out, runs = tmp_path / "plots", tmp_path / "runs"
     argv = ["stats", "--steps", "3", "--width", "2", "--batch-size", "8", "--out", str(out), "--table-from", "0"]
-    assert main(argv + ["--save-log", str(out / "log.jsonl")]) == 0
+    argv += ["--runs-dir", str(runs), "--save-log", str(out / "log.jsonl"), "--no-progress"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "[mabn] step     3/3" in text
     records = read_stats_log(out / "log.jsonl")
     assert {r["run"] for r in records} == {"bn", "uncentered", "mabn"}
     assert len(records) == 3 * 3 * 5
     assert (out / "statistics_mabn.png").exists()
+    # Each run is an ordinary `mabn train` run; the command printed for it reproduces its log exactly.
+    command = next(line for line in text.splitlines() if line.startswith("[mabn]")).split("; ", 1)[1]
+    args = shlex.split(command)
+    assert args[:2] == ["mabn", "train"] and "--monitor-every" in args
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    assert main(args[1:] + ["--no-progress"]) == 0
+    assert read_stats_log(tmp_path / "again" / STATS_LOG) == read_stats_log(runs / "mabn" / STATS_LOG)
+    # A second invocation reuses the finished runs instead of training again.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "training resnet_small" not in capsys.readouterr().out
+
+
+def test_train_command_lists_the_options_that_differ_from_the_defaults(tmp_path):
+    args = stats_parser().parse_args(["--steps", "700", "--runs-dir", str(tmp_path)])
+    command = train_command(run_config("mabn", args))
+    assert command.startswith("mabn train --depth 1 --width 16 --norm mabn --conv centralized --norm-batch-size 2")
+    assert "--epochs 1 --max-steps 700 --schedule constant --warmup-epochs 0" in command
+    assert f"--out {tmp_path / 'mabn'} --monitor-every 1 --monitor-layers layer1.0.bn1" in command

@@ -137,6 +137,64 @@ def test_learning_rate_schedules():
     )
 
 
+def test_constant_schedule_keeps_the_rate_after_warm_up():
+    c = trainer.check_config({"epochs": 2, "lr": 0.1, "warmup_epochs": 0.5, "schedule": "constant"})
+    assert [trainer.learning_rate(c, s, 10) for s in (0, 4, 5, 19)] == pytest.approx([0.02, 0.1, 0.1, 0.1])
+
+
+def test_max_steps_ends_the_run_inside_an_epoch(tmp_path):
+    # 128 samples / 32 = 4 steps per epoch: 6 steps end in the middle of the second epoch.
+    result = trainer.train(_config(tmp_path, epochs=3, max_steps=6))
+    assert result["steps"] == 6 and result["epochs_done"] == 2 and result["error"] is not None
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["steps"] for m in lines] == [4, 2] and "test_error_folded" in lines[-1]
+    # The schedule still spans the 3 epochs: the last step's rate is that of step 6 of 12.
+    c = trainer.check_config(_config(tmp_path, epochs=3, max_steps=6))
+    assert lines[-1]["lr"] == pytest.approx(trainer.learning_rate(c, 5, 4))
+
+
+MONITORED = dict(norm="mabn", norm_batch_size=2, conv="centralized", epochs=3, norm_opts={"warmup_iters": 3})
+
+
+def test_monitor_option_writes_the_log_and_does_not_change_training(tmp_path):
+    from mabn.monitor import read_stats_log
+
+    plain = trainer.train(_config(tmp_path / "plain", **MONITORED))
+    watched = trainer.train(_config(tmp_path / "watched", monitor_every=5, **MONITORED))
+    assert watched["param_digest"] == plain["param_digest"] and watched["error"] == plain["error"]
+    assert not (tmp_path / "plain" / trainer.STATS_LOG).exists()
+    records = read_stats_log(tmp_path / "watched" / trainer.STATS_LOG)
+    from mabn.models import build_model
+
+    # The log covers every normalization layer of the model.
+    model = build_model(json.loads((tmp_path / "watched" / "config.json").read_text())["model_config"])
+    norms = [n for n, m in model.named_modules() if type(m).__name__.startswith("MABN")]
+    assert sorted({r["layer"] for r in records}) == sorted(norms)
+    assert sorted({r["step"] for r in records}) == [5, 10]  # 12 steps, every 5th
+    assert {r["stat"] for r in records} == {"mu", "sigma2", "chi2", "g", "psi"}
+    # The records are the monitor's: the SMA estimates are in use after the warm-up of 3 steps.
+    assert all(r["sma_used"] for r in records if r["stat"] == "psi")
+
+
+def test_monitor_log_survives_resume(tmp_path):
+    from mabn.monitor import read_stats_log
+
+    kwargs = dict(monitor_every=3, monitor_layers=["layer1.0.bn1"], **MONITORED)
+    full = trainer.train(_config(tmp_path / "full", **kwargs))
+    trainer.train(_config(tmp_path / "split", **kwargs), stop_after=1)
+    assert sorted({r["step"] for r in read_stats_log(tmp_path / "split" / trainer.STATS_LOG)}) == [3]
+    resumed = trainer.train(_config(tmp_path / "split", **kwargs), resume=True)
+    assert resumed["param_digest"] == full["param_digest"]
+    a = read_stats_log(tmp_path / "full" / trainer.STATS_LOG)
+    b = read_stats_log(tmp_path / "split" / trainer.STATS_LOG)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and {r["step"] for r in a} == {3, 6, 9, 12}
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            va, vb = ra[key], rb[key]
+            assert va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb)), key
+
+
 def test_divergence_is_recorded(tmp_path):
     result = trainer.train(_config(tmp_path, lr=1e12, epochs=3))
     assert result["diverged"] and result["epochs_done"] < 3
@@ -164,6 +222,11 @@ BASE = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--w
         (["--norm", "gn", "--norm-batch-size", "2"], "does not apply to the per-sample"),
         (["--norm-opt", "window"], "--norm-opt expects KEY=VALUE"),
         (["--resume"], "no checkpoint"),
+        (["--max-steps", "0"], "max_steps must be a positive integer, got 0"),
+        (["--monitor-layers", "layer1.0.bn1"], "--monitor-layers needs --monitor-every"),
+        (["--monitor-every", "0"], "monitor_every must be a positive integer, got 0"),
+        (["--monitor-every", "2", "--monitor-layers", "fc"], "'fc'"),
+        (["--schedule", "linear"], "unknown --schedule 'linear'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):

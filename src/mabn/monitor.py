@@ -207,6 +207,8 @@ class BatchStatsMonitor:
         every: record every ``every``-th training call of each layer (steps every, 2 * every, ...).
         channels: raw channels to keep: the first ``channels`` (int) or these indices (sequence).
             Indices a layer does not have are left None.
+        start_step: training calls each layer has already made, so that a resumed run continues
+            its step numbering (and its every-th-step schedule) where it stopped.
 
     Example::
 
@@ -224,6 +226,7 @@ class BatchStatsMonitor:
         layers: Iterable[str | nn.Module] | str | nn.Module | None = None,
         every: int = 1,
         channels: int | Sequence[int] = 2,
+        start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -231,11 +234,15 @@ class BatchStatsMonitor:
             raise TypeError(f"every must be an int, got {every!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int):
+            raise TypeError(f"start_step must be an int, got {start_step!r}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.channels = _parse_channels(channels)
         self.every = every
         self._layers = self._resolve_layers(model, layers)
         self.records: list[dict[str, Any]] = []
-        self._steps = {name: 0 for name in self._layers}
+        self._steps = {name: start_step for name in self._layers}
         self._window_before: dict[str, tuple[Tensor, int]] = {}
         self._node_handles: dict[int, list[Any]] = {}
         self._next_key = 0

@@ -165,18 +165,6 @@ def _is_baseline(row: dict[str, Any]) -> bool:
 # ---- running ------------------------------------------------------------------------------------
 
 
-def _run_one(run: GridRun, config: dict[str, Any], progress: bool | None) -> dict[str, Any]:
-    out = Path(config["out"])
-    result_path, ckpt_path = out / trainer.RESULT, out / trainer.CHECKPOINT
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
-        diffs = trainer._config_differences(result.get("config", {}), trainer.check_config(config))
-        if diffs:
-            raise ValueError(f"{out} holds a finished run with other settings ({'; '.join(diffs)}); use another --out")
-        return result
-    return trainer.train(config, resume=ckpt_path.is_file(), progress=progress)
-
-
 def run_grid(
     grid: str,
     seeds: int,
@@ -200,7 +188,7 @@ def run_grid(
             f"[{grid} {i}/{len(jobs)}] {run.label} seed {seed}" + (" (done, skipped)" if finished else ""), flush=True
         )
         t0 = time.perf_counter()
-        _run_one(run, config, progress)
+        trainer.run_or_resume(config, progress)
         if not finished:
             print(f"[{grid} {i}/{len(jobs)}] finished in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = collect(grid, seeds, out)

@@ -1,12 +1,14 @@
 """Plot batch statistics at small vs regular batch for BN, the uncentered form and MABN (the paper's Figures 2-4).
 
-``mabn stats`` trains a small ResNet on Fashion-MNIST once per normalization method with a
-:class:`mabn.BatchStatsMonitor` attached (or reads a saved log with ``--log``), then draws, for one
-normalization layer, the per-step norm over channels of each statistic (mu, sigma^2 or chi^2, g, Psi)
-computed over one normalization group ("small", B samples) and over the whole gradient batch
-("regular"), plus the moving average the layer holds (MABN). It prints, for each statistic, the mean
-relative deviation ``||s - s_regular|| / ||s_regular||`` of the small-batch value and of the moving
-average.
+``mabn stats`` trains a small ResNet on Fashion-MNIST once per normalization method through
+:func:`mabn.train.train` (what ``mabn train --monitor-every N`` runs: a
+:class:`mabn.BatchStatsMonitor` attached, its log written into the run directory), or reads a saved
+log with ``--log`` (for instance ``OUT/batch_stats.csv.gz`` of any ``mabn train`` run). It then
+draws, for one normalization layer, the per-step norm over channels of each statistic (mu, sigma^2
+or chi^2, g, Psi) computed over one normalization group ("small", B samples) and over the whole
+gradient batch ("regular"), plus the moving average the layer holds (MABN). It prints, for each
+statistic, the mean relative deviation ``||s - s_regular|| / ||s_regular||`` of the small-batch
+value and of the moving average.
 """
 
 from __future__ import annotations
@@ -14,31 +16,29 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from .monitor import BatchStatsMonitor, _is_supported, log_format, read_stats_log, write_stats_csv, write_stats_jsonl
+from .monitor import log_format, read_stats_log, write_stats_csv, write_stats_jsonl
 
 __all__ = [
     "RUNS",
     "add_arguments",
     "run",
+    "run_config",
+    "train_command",
     "summarize",
     "format_table",
     "plot_run",
     "plot_deviation",
-    "train_with_monitor",
 ]
 
-#: run name -> how the model is built and what the plots call it.
+#: run name -> the training options of the run and what the plots call it.
 RUNS: dict[str, dict[str, Any]] = {
-    "bn": {"norm": "bn", "conv": None, "title": "BN (ghost BN)"},
-    "uncentered": {"norm": "uncentered", "conv": None, "title": "uncentered form, batch statistics"},
+    "bn": {"norm": "bn", "conv": "none", "title": "BN (ghost BN)"},
+    "uncentered": {"norm": "uncentered", "conv": "none", "title": "uncentered form, batch statistics"},
     "mabn": {"norm": "mabn", "conv": "centralized", "title": "MABN (+ weight centralization)"},
 }
 
@@ -54,13 +54,15 @@ _LABELS = {
 }
 _ORDER = ("mu", "sigma2", "chi2", "g", "psi")
 _PREFERRED_LAYER = "layer1.0.bn1"  # the layer of the paper's figures (ResNet naming)
-_FASHION_MEAN, _FASHION_STD = 0.2860, 0.3530
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mabn stats``."""
     parser.add_argument(
-        "--log", default=None, metavar="FILE", help="plot a saved log (.csv or .jsonl) instead of training"
+        "--log",
+        default=None,
+        metavar="FILE",
+        help="plot a saved log (.csv or .jsonl, optionally .gz) instead of training",
     )
     parser.add_argument(
         "--runs",
@@ -70,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=500, help="training steps per run (default: 500)")
     parser.add_argument("--batch-size", type=int, default=32, help="gradient (regular) batch size (default: 32)")
     parser.add_argument("--norm-batch-size", type=int, default=2, help="normalization (small) batch size (default: 2)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default: 0.05)")
+    parser.add_argument(
+        "--lr", type=float, default=0.05, help="constant SGD learning rate, momentum 0.9 (default: 0.05)"
+    )
     parser.add_argument("--width", type=int, default=16, help="channels of the first ResNet stage (default: 16)")
     parser.add_argument("--depth", type=int, default=1, help="basic blocks per ResNet stage (default: 1)")
     parser.add_argument(
@@ -92,11 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-log",
         default=None,
         metavar="FILE",
-        help="where to save the log when training (default: OUT/PREFIX_log.csv; .jsonl also works)",
+        help="where to save the combined log when training (default: OUT/PREFIX_log.csv; .jsonl and .gz also work)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        default="runs/stats",
+        help="training runs go to RUNS_DIR/<run>; a finished run with the same settings is reused "
+        "(default: runs/stats)",
     )
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (idx files)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the initialization and the data order (default: 0)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a tty)"
     )
 
 
@@ -109,84 +123,67 @@ def _default_layer(names: Sequence[str]) -> str:
     return _PREFERRED_LAYER if _PREFERRED_LAYER in names else names[0]
 
 
-def build_model(run_name: str, norm_batch_size: int, width: int, depth: int) -> nn.Module:
-    """The ResNet of a run: ``mabn.models.resnet_small`` with the run's norm layers (and convolutions)."""
-    from .models import resnet_small
-
-    spec = RUNS[run_name]
-    return resnet_small(
-        num_classes=10, in_channels=1, depth=depth, width=width, norm_layer=spec["norm"], conv_layer=spec["conv"],
-        norm_batch_size=norm_batch_size,
-    )  # fmt: skip
+#: Training images of Fashion-MNIST, to turn --steps into the epochs of the run.
+_FASHION_MNIST_TRAIN = 60_000
 
 
-def train_with_monitor(
-    run_name: str,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    norm_batch_size: int,
-    lr: float,
-    width: int,
-    depth: int,
-    seed: int,
-    layer: str | None,
-    all_layers: bool,
-    every: int,
-    progress: bool = True,
-) -> tuple[list[dict[str, Any]], str]:
-    """Train one run with the monitor attached.
+def run_config(run_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`mabn.train.train` configuration of one run of ``mabn stats``.
 
-    Args:
-        run_name: a key of :data:`RUNS`.
-        images: uint8 (N, 28, 28); labels: int64 (N,).
-        steps, batch_size, norm_batch_size, lr, width, depth, seed: the training setup; SGD with
-            momentum 0.9 and weight decay 1e-4 at a constant learning rate, samples drawn without
-            replacement in an order fixed by ``seed`` (the same for every run).
-        layer: the layer to monitor (None: the default plot layer). all_layers: monitor every
-            normalization layer. every: record every N-th step.
-        progress: print a line every 50 steps.
-
-    Returns:
-        The records (each with ``run`` set) and the name of the plotted layer.
+    Fashion-MNIST with the training CLI's augmentation, ``resnet_small``, SGD at a constant rate,
+    ``--steps`` steps, the monitor on ``--layer`` (or every normalization layer) every ``--every`` steps.
     """
-    torch.manual_seed(seed)
-    model = build_model(run_name, norm_batch_size, width, depth)
-    if layer is None:
-        layer = _default_layer([name for name, m in model.named_modules() if _is_supported(m)])
-    monitor = BatchStatsMonitor(model, layers=None if all_layers else [layer], every=every)
-    if layer not in monitor.layer_names:
-        monitor.remove()
-        raise ValueError(f"model has no normalization layer named {layer!r}; layers: {', '.join(monitor.layer_names)}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(images.shape[0], generator=gen)
-    model.train()
-    start, running, position = time.perf_counter(), 0.0, 0
-    with monitor:
-        for step in range(1, steps + 1):
-            if position + batch_size > order.numel():
-                order, position = torch.randperm(images.shape[0], generator=gen), 0
-            idx = order[position : position + batch_size]
-            position += batch_size
-            x = ((images[idx].float() / 255.0 - _FASHION_MEAN) / _FASHION_STD).unsqueeze(1)
-            loss = nn.functional.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()
-            if progress and (step % 50 == 0 or step == steps):
-                count = 50 if step % 50 == 0 else step % 50
-                elapsed = time.perf_counter() - start
-                print(f"[{run_name}] step {step:5d}/{steps}  loss {running / count:.4f}  ({elapsed:.0f} s)", flush=True)
-                running = 0.0
-            if not math.isfinite(loss.item()):
-                print(f"[{run_name}] loss is not finite at step {step}; stopping this run", flush=True)
-                break
-    records = [{"run": run_name, **r} for r in monitor.records]
-    return records, layer
+    spec = RUNS[run_name]
+    steps_per_epoch = _FASHION_MNIST_TRAIN // args.batch_size
+    epochs = max(1, math.ceil(args.steps / steps_per_epoch))
+    return {
+        "data": "fashion-mnist",
+        "data_dir": args.data_dir,
+        "arch": "resnet_small",
+        "depth": args.depth,
+        "width": args.width,
+        "norm": spec["norm"],
+        "conv": spec["conv"],
+        "batch_size": args.batch_size,
+        "norm_batch_size": args.norm_batch_size,
+        "epochs": epochs,
+        "max_steps": args.steps,
+        "lr": args.lr,
+        "schedule": "constant",
+        "warmup_epochs": 0.0,
+        "seed": args.seed,
+        "eval_every": epochs,
+        "threads": args.threads,
+        "out": str(Path(args.runs_dir) / run_name),
+        "monitor_every": args.every,
+        "monitor_layers": None if args.all_layers else [args.layer or _PREFERRED_LAYER],
+    }
+
+
+def train_command(config: dict[str, Any]) -> str:
+    """The ``mabn train`` command line that trains ``config`` (options at their defaults left out)."""
+    from .train import DEFAULTS
+
+    flags = {"monitor_layers": lambda v: ",".join(v), "warmup_epochs": lambda v: f"{v:g}"}
+    parts = ["mabn", "train"]
+    for key, value in config.items():
+        if value is None or value == DEFAULTS.get(key) or key in ("threads",):
+            continue
+        parts += [f"--{key.replace('_', '-')}", flags.get(key, str)(value)]
+    return shlex.join(parts)
+
+
+def _train_runs(args: argparse.Namespace, runs: list[str]) -> list[dict[str, Any]]:
+    from .train import STATS_LOG, run_or_resume
+
+    records: list[dict[str, Any]] = []
+    for run_name in runs:
+        config = run_config(run_name, args)
+        print(f"[{run_name}] {RUNS[run_name]['title']}: {args.steps} steps; {train_command(config)}", flush=True)
+        run_or_resume(config, progress=args.progress)
+        run_records = read_stats_log(Path(config["out"]) / STATS_LOG)
+        records += [{"run": run_name, **r} for r in run_records]
+    return records
 
 
 def _mean(values: list[float]) -> float:
@@ -390,20 +387,8 @@ def run(args: argparse.Namespace) -> int:
         runs = _parse_runs(args.runs)
         log_path = Path(args.save_log) if args.save_log else out / f"{args.prefix}_log.csv"
         log_format(log_path)  # a bad name fails now, not after the training
-        from .data import load_fashion_mnist
-
-        images, labels = load_fashion_mnist("train", args.data_dir)
-        records, layer = [], args.layer
-        for run_name in runs:
-            print(f"training {run_name} ({RUNS[run_name]['title']}): {args.steps} steps, gradient batch {args.batch_size}, "
-                  f"normalization batch {args.norm_batch_size}", flush=True)  # fmt: skip
-            run_records, layer = train_with_monitor(
-                run_name, images, labels, steps=args.steps, batch_size=args.batch_size,
-                norm_batch_size=args.norm_batch_size, lr=args.lr, width=args.width, depth=args.depth, seed=args.seed,
-                layer=layer, all_layers=args.all_layers, every=args.every,
-            )  # fmt: skip
-            records += run_records
-        out.mkdir(parents=True, exist_ok=True)
+        records = _train_runs(args, runs)
+        layer = args.layer or _default_layer(list(dict.fromkeys(r["layer"] for r in records)))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         (write_stats_csv if log_format(log_path) == "csv" else write_stats_jsonl)(records, log_path)
         print(f"saved {len(records)} records to {log_path}")

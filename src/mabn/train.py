@@ -3,7 +3,7 @@
 ``mabn train`` (or ``python -m mabn.train``; under ``torchrun`` it trains with
 DistributedDataParallel) builds ``mabn.models.build_model(model_config)`` with the chosen
 normalization preset, trains it with SGD (momentum 0.9) under a cosine or step schedule with linear
-warm-up, and evaluates the top-1 test error of the model and of its folded inference form
+warm-up (or a constant rate), and evaluates the top-1 test error of the model and of its folded inference form
 (``mabn.fold``). The output directory receives:
 
 * ``config.json``: the full configuration of the run;
@@ -12,7 +12,10 @@ warm-up, and evaluates the top-1 test error of the model and of its folded infer
   "version": 1, "model_config", "model", "epoch", ...}`` plus the optimizer, schedule step and RNG
   states), so ``--resume`` continues a stopped run and ends with the same weights as an
   uninterrupted one;
-* ``result.json``: the final errors and costs, written when the run is complete.
+* ``result.json``: the final errors and costs, written when the run is complete;
+* ``batch_stats.csv.gz`` (with ``--monitor-every N``): the records of a
+  :class:`mabn.BatchStatsMonitor` attached to the normalization layers (every N-th step), rewritten
+  with each checkpoint; ``mabn stats --log`` plots it.
 
 Batch sizes are per process: ``--batch-size`` is the gradient batch of one process (one GPU in the
 paper's protocol), split into groups of ``--norm-batch-size`` samples for batch statistics.
@@ -47,11 +50,20 @@ from torch import nn
 from .data import DATA_SOURCES, DataSource, make_source
 from .modules import PRESETS
 
-__all__ = ["DEFAULTS", "config_from_args", "check_config", "train", "atomic_save", "load_checkpoint", "main"]
+__all__ = [
+    "DEFAULTS",
+    "config_from_args",
+    "check_config",
+    "train",
+    "run_or_resume",
+    "atomic_save",
+    "load_checkpoint",
+    "main",
+]
 
 ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
 CONVS = ("none", "centralized")
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "constant")
 #: Normalizations that use no batch statistics, so ``--norm-batch-size`` does not apply to them.
 PER_SAMPLE_NORMS = ("gn", "ln", "in")
 
@@ -59,6 +71,7 @@ CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+STATS_LOG = "batch_stats.csv.gz"
 CHECKPOINT_FORMAT = "mabn-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -78,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "norm_batch_size": None,
     "epochs": 5,
+    "max_steps": None,
     "lr": 0.05,
     "momentum": 0.9,
     "nesterov": False,
@@ -93,6 +107,8 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "workers": 0,
     "out": "runs/train",
+    "monitor_every": None,
+    "monitor_layers": None,
 }
 
 #: Keys that may differ between a run and its ``--resume`` (they do not change the computation).
@@ -169,10 +185,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="samples per normalization group; must divide --batch-size (default: the whole batch)",
     )
     g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="end the run after this many optimizer steps, inside an epoch if need be; the schedule "
+        "still spans --epochs (default: no limit)",
+    )
     g.add_argument("--lr", type=float, default=d["lr"], help="peak SGD learning rate (default: %(default)s)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD momentum is 0.9)")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default: %(default)s")
-    g.add_argument("--schedule", default=d["schedule"], help="cosine or step (default: %(default)s)")
+    g.add_argument("--schedule", default=d["schedule"], help="cosine, step or constant (default: %(default)s)")
     g.add_argument(
         "--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warm-up length (default: 0.5)"
     )
@@ -198,6 +221,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="EPOCHS",
         help="stop once this many epochs are done (continue later with --resume)",
+    )
+    g = parser.add_argument_group("batch-statistics monitor")
+    g.add_argument(
+        "--monitor-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"record the batch statistics (mu, sigma^2, g, Psi) of the normalization layers every N steps "
+        f"into OUT/{STATS_LOG} (mabn.BatchStatsMonitor; plot with mabn stats --log)",
+    )
+    g.add_argument(
+        "--monitor-layers",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated layer names to monitor (default: every normalization layer)",
     )
     g.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
@@ -232,6 +270,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         norm_batch_size=args.norm_batch_size,
         epochs=args.epochs,
+        max_steps=args.max_steps,
         lr=args.lr,
         nesterov=args.nesterov,
         weight_decay=args.weight_decay,
@@ -246,6 +285,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         threads=args.threads,
         workers=args.workers,
         out=args.out,
+        monitor_every=args.monitor_every,
+        monitor_layers=[n.strip() for n in args.monitor_layers.split(",") if n.strip()]
+        if args.monitor_layers is not None
+        else None,
     )
     return config
 
@@ -281,7 +324,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "image_size"):
         if not isinstance(c[key], int) or c[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
-    for key in ("depth", "width", "threads", "limit_train", "limit_test"):
+    for key in ("depth", "width", "threads", "limit_train", "limit_test", "max_steps", "monitor_every"):
         if c[key] is not None and (not isinstance(c[key], int) or c[key] < 1):
             raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
     if not isinstance(c["workers"], int) or c["workers"] < 0:
@@ -301,6 +344,12 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"--norm-batch-size {b} does not divide --batch-size {c['batch_size']}")
     if not isinstance(c["norm_opts"], dict):
         raise ValueError(f"norm_opts must be a dict, got {c['norm_opts']!r}")
+    layers = c["monitor_layers"]
+    if layers is not None:
+        if c["monitor_every"] is None:
+            raise ValueError("--monitor-layers needs --monitor-every")
+        if not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers):
+            raise ValueError(f"monitor_layers must be a non-empty list of layer names, got {layers!r}")
     return c
 
 
@@ -427,12 +476,14 @@ def buffer_digest(model: nn.Module) -> str:
 
 
 def learning_rate(config: dict[str, Any], step: int, steps_per_epoch: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine or step decay."""
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine, step or constant."""
     total = config["epochs"] * steps_per_epoch
     warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
     base = config["lr"]
     if step < warmup:
         return base * (step + 1) / warmup
+    if config["schedule"] == "constant":
+        return base
     if config["schedule"] == "cosine":
         span = max(1, total - warmup)
         return 0.5 * base * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
@@ -611,11 +662,13 @@ def train(
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(_to_tuple(ckpt["rng"]["python"]))
 
+    monitor = _make_monitor(model, config, out, step if ckpt is not None else None) if ddp.rank == 0 else None
+
     if ddp.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             _write_json(out / CONFIG, {"train": config, "model_config": mc, "world_size": ddp.world})
-            for stale in (RESULT, METRICS):
+            for stale in (RESULT, METRICS, STATS_LOG):
                 with contextlib.suppress(FileNotFoundError):
                     (out / stale).unlink()
         # metrics.jsonl always mirrors the checkpoint's history (a kill may have cut it short).
@@ -648,19 +701,23 @@ def train(
         f"training {config['arch']} with norm {config['norm']!r} (normalization batch "
         f"{config['norm_batch_size'] or config['batch_size']}, conv {config['conv']}) on {source.name}: "
         f"{source.num_train} images, {config['epochs']} epochs x {steps_per_epoch} steps of "
-        f"{config['batch_size']} x {ddp.world} process(es), out {out}",
+        f"{config['batch_size']} x {ddp.world} process(es)"
+        + (f", ending after step {config['max_steps']}" if config["max_steps"] is not None else "")
+        + f", out {out}",
     )
     epoch = start_epoch
+    max_steps = config["max_steps"] if config["max_steps"] is not None else config["epochs"] * steps_per_epoch
     try:
-        while epoch < config["epochs"] and not diverged:
+        while epoch < config["epochs"] and step < max_steps and not diverged:
             if stop_after is not None and epoch >= stop_after:
                 break
             record, diverged = _train_epoch(
-                net, model, optimizer, source, sampler, config, epoch, step, steps_per_epoch, device, ddp, show
-            )
-            step += steps_per_epoch if not diverged else record["steps"]
+                net, model, optimizer, source, sampler, config, epoch, step, min(steps_per_epoch, max_steps - step),
+                steps_per_epoch, device, ddp, show,
+            )  # fmt: skip
+            step += record["steps"]
             epoch += 1
-            last = epoch == config["epochs"] or diverged
+            last = epoch == config["epochs"] or step >= max_steps or diverged
             if ddp.rank == 0 and (last or epoch % config["eval_every"] == 0):
                 t0 = time.perf_counter()
                 record["test_error"] = evaluate(model, source, config["eval_batch_size"], device, config["workers"])
@@ -676,6 +733,10 @@ def train(
             record["wall_time_s"] = wall_time
             history.append(record)
             if ddp.rank == 0:
+                if monitor is not None:
+                    # Before the checkpoint: a kill in between leaves a log ahead of it, which the
+                    # resumed run trims to the checkpoint's step.
+                    _save_stats_log(monitor.records, out / STATS_LOG)
                 atomic_save(
                     {
                         "format": CHECKPOINT_FORMAT,
@@ -699,7 +760,7 @@ def train(
                     f.write(json.dumps(record) + "\n")
                 _log(ddp.rank, _epoch_line(record, config["epochs"]))
             ddp.barrier()
-        done = epoch >= config["epochs"] or diverged
+        done = epoch >= config["epochs"] or step >= max_steps or diverged
         digest = param_digest(model)
         if ddp.active:
             # Every process leaves its digest: equal digests prove the replicas stayed in sync.
@@ -716,6 +777,7 @@ def train(
             "fold_note": final.get("fold_note"),
             "epochs": config["epochs"],
             "epochs_done": epoch,
+            "steps": step,
             "diverged": diverged,
             "final_train_loss": final.get("train_loss"),
             "wall_time_s": wall_time,
@@ -737,7 +799,58 @@ def train(
             )
         return result
     finally:
+        if monitor is not None:
+            monitor.remove()
         ddp.close()
+
+
+def _make_monitor(model: nn.Module, config: dict[str, Any], out: Path, resumed_step: int | None) -> Any:
+    """The run's :class:`BatchStatsMonitor` (None without ``monitor_every``); a resumed run keeps its records."""
+    if config["monitor_every"] is None:
+        return None
+    from .monitor import BatchStatsMonitor, read_stats_log
+
+    monitor = BatchStatsMonitor(
+        model, layers=config["monitor_layers"], every=config["monitor_every"], start_step=resumed_step or 0
+    )
+    if resumed_step is not None and (out / STATS_LOG).is_file():
+        monitor.records.extend(r for r in read_stats_log(out / STATS_LOG) if r["step"] <= resumed_step)
+    return monitor
+
+
+def _save_stats_log(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the monitor's records to ``path`` so that it is either the old or the complete new log."""
+    from .monitor import write_stats_csv
+
+    tmp = path.with_name(f".{path.name}.tmp.csv.gz")
+    try:
+        write_stats_csv(records, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def run_or_resume(config: dict[str, Any], progress: bool | None = None) -> dict[str, Any]:
+    """The result of the run in ``config["out"]``: read when finished, else resumed or trained.
+
+    A finished run is reused only when its configuration matches ``config`` (up to
+    :data:`RUNTIME_KEYS`); a checkpoint without a result is resumed. This lets a series of runs
+    (``mabn reproduce``, ``mabn stats``) pick up where an interrupted invocation stopped.
+
+    Raises:
+        ValueError: the directory holds a finished run with other settings, or see :func:`train`.
+    """
+    config = check_config(config)
+    out = Path(config["out"])
+    if (out / RESULT).is_file():
+        result = json.loads((out / RESULT).read_text())
+        diffs = _config_differences(result.get("config", {}), config)
+        if diffs:
+            raise ValueError(f"{out} holds a finished run with other settings ({'; '.join(diffs)}); use another --out")
+        return result
+    return train(config, resume=(out / CHECKPOINT).is_file(), progress=progress)
 
 
 def _to_list(obj: Any) -> Any:
@@ -757,22 +870,24 @@ def _train_epoch(
     config: dict[str, Any],
     epoch: int,
     step: int,
+    steps: int,
     steps_per_epoch: int,
     device: torch.device,
     ddp: _Dist,
     show: bool,
 ) -> tuple[dict[str, Any], bool]:
+    """Train ``steps`` (<= ``steps_per_epoch``) steps of epoch ``epoch``; return its record and divergence."""
     from tqdm import tqdm
 
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler), dtype=torch.long)
-    batches = order[: steps_per_epoch * config["batch_size"]].view(steps_per_epoch, config["batch_size"])
+    batches = order[: steps * config["batch_size"]].view(steps, config["batch_size"])
     # The augmentation seed depends on (seed, epoch, rank) only, so a resumed run sees the same data.
     aug_seed = (config["seed"] * 100_003 + epoch) * 1_009 + ddp.rank
     net.train()
     loss_sum = wrong = seen = 0.0
     diverged = False
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not show, leave=False)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not show, leave=False)
     t0 = time.perf_counter()
     done = 0
     window_loss, window_n = 0.0, 0
@@ -796,7 +911,7 @@ def _train_epoch(
         seen += y.numel()
         window_loss, window_n = window_loss + value, window_n + 1
         bar.update(1)
-        if show and (done % 20 == 0 or done == steps_per_epoch):
+        if show and (done % 20 == 0 or done == steps):
             rate = done * config["batch_size"] * ddp.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}", img_s=f"{rate:.0f}", refresh=False)
             window_loss, window_n = 0.0, 0
