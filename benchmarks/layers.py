@@ -1,6 +1,6 @@
 """Layer speed (forward+backward vs torch.nn.BatchNorm2d) and saved-for-backward memory.
 
-    python benchmarks/layers.py            # same as: mabn bench layers memory
+python benchmarks/layers.py            # same as: mabn bench layers memory
 """
 
 import sys

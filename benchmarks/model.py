@@ -1,6 +1,6 @@
 """ResNet-50 training step, MABN at normalization batch 2 (+/- weight centralization) vs BN, eager and compiled.
 
-    python benchmarks/model.py             # same as: mabn bench model centralization
+python benchmarks/model.py             # same as: mabn bench model centralization
 """
 
 import sys

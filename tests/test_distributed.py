@@ -8,6 +8,9 @@ import sys
 import pytest
 import torch.distributed as dist
 
+from mabn.monitor import read_stats_log
+from mabn.train import STATS_LOG
+
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
@@ -16,7 +19,7 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "mabn.train", "--data", "synthetic", "--limit-train", "192", "--limit-test", "64",
         "--width", "4", "--epochs", "1", "--norm", "mabn", "--norm-batch-size", "2", "--conv", "centralized",
-        "--threads", "1", "--device", "cpu", "--out", str(out),
+        "--threads", "1", "--device", "cpu", "--out", str(out), "--monitor-every", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -30,3 +33,6 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["param_digest"] == params0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["steps"] == 3
+    # Rank 0 monitors its own replica and writes the log: one record per layer, statistic and step.
+    records = read_stats_log(out / STATS_LOG)
+    assert sorted({r["step"] for r in records}) == [1, 2, 3] and {r["groups"] for r in records} == {16}
