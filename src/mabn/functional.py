@@ -164,11 +164,19 @@ def _sliding_mean(window: Tensor, steps: Tensor, new: Tensor) -> tuple[Tensor, T
     push. Entries before the start of the stream are zeros and are left out of the count.
     """
     m, g = window.shape[0], new.shape[0]
-    seq = torch.cat([window, new.to(window.dtype)], dim=0)
-    sums = seq.unfold(0, m, 1)[1:].sum(dim=-1)  # (G, k, C): sum over the m entries ending at each new one
-    position = steps + torch.arange(1, g + 1, device=steps.device)
-    count = position.clamp(max=m).to(sums.dtype).view(g, 1, 1)
-    return sums / count, seq[g:]
+    seq = torch.cat([window, new if new.dtype == window.dtype else new.to(window.dtype)], dim=0)
+    if g == 1:
+        sums = seq[1:].sum(dim=0, keepdim=True)
+        count = (steps + 1).clamp_(max=m)
+    else:
+        sums = seq.unfold(0, m, 1)[1:].sum(dim=-1)  # (G, k, C): sum over the m entries ending at each new one
+        count = (steps + torch.arange(1, g + 1, device=steps.device)).clamp_(max=m).view(g, 1, 1)
+    return sums / count, seq[g:]  # the integer count promotes to the sums' dtype
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """0-dim bool: no inf or NaN in ``t`` (NaN fails the comparison)."""
+    return t.abs().lt(math.inf).all()
 
 
 def _group_slices(x: Tensor, groups: int) -> list[Tensor]:
@@ -205,22 +213,32 @@ def _group_second_moment(x: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return var + mean * mean
 
 
-def _group_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group, per-channel sum(dy) and sum(dy * (x - mean)), each (G, C)."""
+def _group_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group, per-channel sum(dy) and sum(dy * (x - mean)) * invstd, each (G, C)."""
     # The native kernel wants its vectors in the activations' statistics dtype (float32 for halves).
-    out_dtype = mean.dtype
-    mean = mean.to(torch.promote_types(_stat_dtype(x), _stat_dtype(dy)))
-    ones = torch.ones_like(mean[0])
-    sum_dy, sum_dy_xmu = [], []
-    for i, (dyg, xg) in enumerate(zip(_group_slices(dy, groups), _group_slices(x, groups))):
+    out_dtype = invstd.dtype
+    kernel_dtype = torch.promote_types(_stat_dtype(x), _stat_dtype(dy))
+    if kernel_dtype != out_dtype:
+        mean, invstd = mean.to(kernel_dtype), invstd.to(kernel_dtype)
+    if groups == 1:
         # The native backward with mask (False, True, True) only reduces: grad_weight is
         # sum(dy * (x - mean)) * invstd and grad_bias is sum(dy).
         _, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dyg, xg, None, None, None, mean[i], ones, True, 0.0, [False, True, True]
+            dy, x, None, None, None, mean[0], invstd[0], True, 0.0, [False, True, True]
         )
-        sum_dy_xmu.append(dw)
-        sum_dy.append(db)
-    return torch.stack(sum_dy).to(out_dtype), torch.stack(sum_dy_xmu).to(out_dtype)
+        sum_dy, sum_dy_xhat = db.unsqueeze(0), dw.unsqueeze(0)
+    else:
+        dbs, dws = [], []
+        for i, (dyg, xg) in enumerate(zip(_group_slices(dy, groups), _group_slices(x, groups))):
+            _, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dyg, xg, None, None, None, mean[i], invstd[i], True, 0.0, [False, True, True]
+            )
+            dws.append(dw)
+            dbs.append(db)
+        sum_dy, sum_dy_xhat = torch.stack(dbs), torch.stack(dws)
+    if kernel_dtype != out_dtype:
+        sum_dy, sum_dy_xhat = sum_dy.to(out_dtype), sum_dy_xhat.to(out_dtype)
+    return sum_dy, sum_dy_xhat
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -231,33 +249,54 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _HALF else x.dtype
 
 
+def _unpack(packed: Tensor, config: NormConfig) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(var, r, mean, d), each (G, C) or None, from the rows of ``packed`` that ``config`` has."""
+    rows = iter(packed.unbind(0))
+    var = next(rows)
+    r = next(rows) if config.renorm else None
+    mean = next(rows) if config.centered else None
+    d = next(rows) if config.centered and config.renorm else None
+    return var, r, mean, d
+
+
+def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a * b where None stands for 1."""
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
 class _NormFunction(torch.autograd.Function):
-    """y = x * scale + shift per (group, channel), with the family's backward estimator.
+    """y = gamma * r * (x - mu) / sqrt(var + eps) + gamma * d + beta per (group, channel).
 
     Forward inputs are the activations and affine parameters; the per-(group, channel) statistics
-    come precomputed. The backward reduces ``dy`` once, forms ``g``/``Psi`` (optionally averaged
-    over the backward window, which it advances in place), and writes ``dx`` in one fused pass.
+    come precomputed in ``packed`` (see :func:`_unpack`). The backward reduces ``dy`` once, forms
+    ``g``/``Psi`` (optionally averaged over the backward window, which it advances in place), and
+    writes ``dx`` in two elementwise passes.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, packed, state, config, groups):
-        invstd, r, mean, d = packed.unbind(0)
-        if not config.centered:
-            mean = d = None
-        gamma = weight.to(invstd.dtype) if weight is not None else torch.ones_like(invstd[0])
-        scale = invstd * r * gamma  # (G, C)
-        shift = -scale * mean if mean is not None else torch.zeros_like(scale)
-        if d is not None:
-            shift = shift + gamma * d
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
+        var, r, mean, d = _unpack(packed, config)
         ctx.save_for_backward(x, weight, packed)
         ctx.state, ctx.config, ctx.groups = state, config, groups
-        if groups == 1 and (x.dtype == scale.dtype or (x.dtype in _HALF and scale.dtype == torch.float32)):
-            # One group: the native inference kernel (mean 0, variance 1, eps 0) is the fastest
-            # per-channel affine on every layout and returns a fresh tensor in the input's format.
-            unit = torch.ones_like(scale[0])
-            return torch.native_batch_norm(x, scale[0], shift[0], unit - 1, unit, False, 0.0, 0.0)[0]
+        gamma = weight.to(var.dtype) if weight is not None and weight.dtype != var.dtype else weight
+        beta = bias.to(var.dtype) if bias is not None and bias.dtype != var.dtype else bias
+        if d is not None:
+            gd = d if gamma is None else gamma * d
+            beta = gd if beta is None else beta + gd
+        if groups == 1 and (x.dtype == var.dtype or (x.dtype in _HALF and var.dtype == torch.float32)):
+            # One group: the native inference kernel computes (x - mean) / sqrt(var + eps) * w + b in
+            # one pass on every layout and returns a fresh tensor in the input's format.
+            center = mean[0] if mean is not None else torch.zeros_like(var[0])
+            w = _product(gamma, r[0] if r is not None else None)
+            b = beta[0] if beta is not None and beta.dim() == 2 else beta
+            return torch.native_batch_norm(x, w, b, center, var[0], False, 0.0, config.eps)[0]
+        invstd = torch.rsqrt(var + config.eps)
+        scale = _product(_product(invstd, r), gamma)  # (G, C)
+        shift = -scale * mean if mean is not None else torch.zeros_like(scale)
+        if beta is not None:
+            shift = shift + beta
         xv = _group_view(x, groups)
         nd = xv.dim()
         # Written through a view into a fresh tensor, so the output is not a view (in-place ops
@@ -276,35 +315,45 @@ class _NormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, packed = ctx.saved_tensors
         state, config, groups = ctx.state, ctx.config, ctx.groups
-        invstd, r, mean, d = packed.unbind(0)
-        if not config.centered:
-            mean = d = None
+        var, r, mean, d = _unpack(packed, config)
+        invstd = torch.rsqrt(var + config.eps)
         n = x.numel() // (x.shape[1] * groups)  # elements per channel in one group
-        center = mean if mean is not None else torch.zeros_like(invstd)
-        sum_dy, sum_dy_xmu = _group_grad_sums(dy, x, center, groups)
+        center = mean if mean is not None else torch.zeros_like(var)
+        # sum_dy_xhat = sum(dy * xhat), xhat = (x - mean) * invstd: the group's n * E[dL/dy * xhat].
+        sum_dy, sum_dy_xhat = _group_grad_sums(dy, x, center, invstd, groups)
 
         grad_x = grad_weight = grad_bias = None
-        gamma = weight.to(invstd.dtype) if weight is not None else torch.ones_like(invstd[0])
-        gr = gamma * r
-        psi = gr * invstd * sum_dy_xmu / n
-        stats = torch.stack([gr * sum_dy / n, psi], dim=1) if config.centered else psi.unsqueeze(1)
+        gamma = weight.to(var.dtype) if weight is not None and weight.dtype != var.dtype else weight
+        gr_n = _product(gamma, r)  # dL/dz = gamma * r * dL/dy, z the normalized input
+        gr_n = gr_n / n if gr_n is not None else None
+        psi = sum_dy_xhat * gr_n if gr_n is not None else sum_dy_xhat / n
+        if config.centered:
+            g = sum_dy * gr_n if gr_n is not None else sum_dy / n
+            stats = torch.stack([g, psi], dim=1)
+        else:
+            stats = psi.unsqueeze(1)
         if config.backward_stats == "sma":
             # The stream advances on every backward, whether or not this call needs dL/dx.
             stats = _advance_backward_stream(state, config, stats)
         if ctx.needs_input_grad[0]:
-            psi_used = stats[:, -1]
-            a = gr * invstd
-            b = -invstd * invstd * psi_used
+            # dx = a * dy + b * x + c per (group, channel).
+            a = _product(_product(gamma, r), invstd)
+            b = invstd.square().mul_(stats[:, -1]).neg_()
             dyv, xv = _group_view(dy, groups), _group_view(x, groups)
             nd = xv.dim()
-            grad = torch.mul(dyv, _per_group_channel(a, nd)).to(invstd.dtype)
-            grad.addcmul_(xv, _per_group_channel(b, nd))
             if config.centered:
                 c = -b * center - invstd * stats[:, 0]
-                grad.add_(_per_group_channel(c, nd))
-            grad_x = grad.flatten(0, 1).to(x.dtype)
+                grad = torch.addcmul(_per_group_channel(c, nd), dyv, _per_group_channel(a, nd))
+            else:
+                grad = torch.mul(dyv, _per_group_channel(a, nd))
+            if grad.dtype != invstd.dtype:
+                grad = grad.to(invstd.dtype)
+            grad.addcmul_(xv, _per_group_channel(b, nd))
+            grad_x = grad.flatten(0, 1)
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
-            gw = r * invstd * sum_dy_xmu
+            gw = sum_dy_xhat if r is None else r * sum_dy_xhat
             if d is not None:
                 gw = gw + d * sum_dy
             grad_weight = gw.sum(0).to(weight.dtype)
@@ -317,13 +366,15 @@ def _advance_backward_stream(state: NormState, config: NormConfig, stats: Tensor
     """Push this backward's (g, Psi) into the backward window; return the statistics to use."""
     window, steps, calls = state.backward_window, state.backward_steps, state.backward_calls
     sma, new_window = _sliding_mean(window, steps, stats)
-    warm = (calls + 1) < config.warmup_iters
-    used = torch.where(warm, stats, sma.to(stats.dtype))
-    finite = torch.isfinite(stats).all()
+    if sma.dtype != stats.dtype:
+        sma = sma.to(stats.dtype)
+    # A call is in warm-up while its 1-based count is below warmup_iters; never when that is <= 1.
+    used = torch.where(calls < config.warmup_iters - 1, stats, sma) if config.warmup_iters > 1 else sma
+    finite = _all_finite(stats)
     with torch.no_grad():
         window.copy_(torch.where(finite, new_window, window))
-        steps.add_(finite.to(steps.dtype) * stats.shape[0])
-        calls.add_(finite.to(calls.dtype))
+        steps.add_(finite, alpha=stats.shape[0])
+        calls.add_(finite)
     return used
 
 
@@ -396,8 +447,8 @@ def stream_norm(
         x = input.detach()
         dtype = torch.promote_types(_stat_dtype(x), state.running_var.dtype)
         if config.centered:
-            mean, var = _group_moments(x.to(dtype) if dtype != x.dtype else x, groups)
-            batch = torch.stack([mean.to(dtype), var.to(dtype)], dim=1)  # (G, 2, C)
+            mean, var = _group_moments(x if x.dtype == dtype else x.to(dtype), groups)
+            batch = torch.stack([mean, var], dim=1)  # (G, 2, C)
         else:
             batch = _group_second_moment(x, groups, dtype).unsqueeze(1)  # chi^2 = E[x^2], (G, 1, C)
 
@@ -406,48 +457,54 @@ def stream_norm(
         new_window = None
         if config.forward_stats == "sma":
             sma, new_window = _sliding_mean(state.forward_window, state.forward_steps, batch)
-            stats = torch.where(count < config.warmup_iters, batch, sma.to(dtype))
+            if sma.dtype != dtype:
+                sma = sma.to(dtype)
+            # In warm-up while the count is below warmup_iters, which never holds for warmup_iters <= 1.
+            stats = torch.where(count < config.warmup_iters, batch, sma) if config.warmup_iters > 1 else sma
 
         used_mean = stats[:, 0] if config.centered else None
         used_var = stats[:, -1]
-        invstd = torch.rsqrt(used_var + config.eps)
-        r = torch.ones_like(used_var)
-        d = torch.zeros_like(used_var) if config.centered else None
-        running_var = state.running_var.to(dtype)
+        running_var = state.running_var if state.running_var.dtype == dtype else state.running_var.to(dtype)
+        running_mean = None
+        if config.centered:
+            running_mean = state.running_mean
+            running_mean = running_mean if running_mean.dtype == dtype else running_mean.to(dtype)
+        r = d = None
         if config.renorm:
-            running_std = torch.sqrt(running_var + config.eps)
-            active = count > config.renorm_warmup_iters
-            r_clipped = (torch.sqrt(used_var + config.eps) / running_std).clamp(1.0 / config.r_max, config.r_max)
-            r = torch.where(active, r_clipped, r)
+            running_ve = running_var + config.eps
+            r = ((used_var + config.eps) / running_ve).sqrt_().clamp_(1.0 / config.r_max, config.r_max)
             if config.centered:
-                d_raw = (used_mean - state.running_mean.to(dtype)) / running_std
-                d = torch.where(active, d_raw.clamp(-config.d_max, config.d_max), d)
+                d = ((used_mean - running_mean) * running_ve.rsqrt()).clamp_(-config.d_max, config.d_max)
+            if config.renorm_warmup_iters > 0:  # r = 1, d = 0 while the count is at most renorm_warmup_iters
+                active = count > config.renorm_warmup_iters
+                r = torch.where(active, r, 1.0)
+                d = torch.where(active, d, 0.0) if d is not None else None
 
         # Running (EMA) statistics, once per call from the mean over the call's groups. A call with
         # non-finite statistics keeps every buffer as it was.
-        mom = config.momentum
-        finite = torch.isfinite(batch).all()
-        running_var_target = used_var * (n / (n - 1)) if config.centered else used_var
+        finite = _all_finite(batch)
+        var_target = used_var * (n / (n - 1)) if config.centered else used_var
+        var_target = var_target.mean(0) if groups > 1 else var_target[0]
         updates: list[tuple[Tensor, Tensor]] = [
-            (
-                state.running_var,
-                torch.where(finite, running_var_target.mean(0) * mom + running_var * (1.0 - mom), running_var),
-            ),
-            (state.num_batches_tracked, state.num_batches_tracked + finite.to(state.num_batches_tracked.dtype)),
+            (state.running_var, torch.where(finite, running_var.lerp(var_target, config.momentum), running_var)),
+            (state.num_batches_tracked, state.num_batches_tracked + finite),
         ]
         if config.centered:
-            old_mean = state.running_mean.to(dtype)
+            mean_target = used_mean.mean(0) if groups > 1 else used_mean[0]
             updates.append(
-                (state.running_mean, torch.where(finite, used_mean.mean(0) * mom + old_mean * (1.0 - mom), old_mean))
+                (
+                    state.running_mean,
+                    torch.where(finite, running_mean.lerp(mean_target, config.momentum), running_mean),
+                )
             )
         if new_window is not None:
             updates.append((state.forward_window, torch.where(finite, new_window, state.forward_window)))
-            updates.append((state.forward_steps, state.forward_steps + finite.to(state.forward_steps.dtype) * groups))
+            updates.append((state.forward_steps, state.forward_steps.add(finite, alpha=groups)))
 
         # Everything the backward needs in one tensor: torch.compile's partitioner never recomputes a
-        # `cat` in the backward, so the backward cannot re-read buffers this forward has updated.
-        zeros = torch.zeros_like(invstd)
-        packed = torch.stack([invstd, r, used_mean if config.centered else zeros, d if config.centered else zeros])
+        # `stack` in the backward, so the backward cannot re-read buffers this forward has updated.
+        rows = [used_var] + ([r] if r is not None else []) + ([used_mean] if config.centered else [])
+        packed = torch.stack(rows + ([d] if d is not None else []))
 
     output = _NormFunction.apply(input, weight, bias, packed, state, config, groups)
     # The buffers move only once the output exists, so an error above leaves the layer as it was.
