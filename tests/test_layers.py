@@ -334,6 +334,30 @@ def test_affine_false_and_device_dtype():
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_ghost_bn_running_statistics_follow_torch_batchnorm(momentum):
+    torch.manual_seed(0)
+    ours, ref = mabn.GhostBatchNorm2d(3, momentum=momentum), nn.BatchNorm2d(3, momentum=momentum)
+    for step in range(4):
+        x = torch.randn(8, 3, 4, 4) * (step + 1) + step
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 4 and ours.momentum == momentum
+
+
+def test_momentum_none_is_the_cumulative_average_of_the_second_moment():
+    layer = mabn.MABN2d(2, momentum=None, warmup_iters=10, renorm_warmup_iters=10)
+    xs = [torch.randn(4, 2, 3, 3) * (k + 1) for k in range(3)]
+    for x in xs:
+        layer(x)
+    expected = torch.stack([x.square().mean(dim=(0, 2, 3)) for x in xs]).mean(0)
+    torch.testing.assert_close(layer.running_var, expected)
+    assert "momentum=None" in repr(layer)
+    back = mabn.revert_model(nn.Sequential(mabn.GhostBatchNorm2d(2, momentum=None)))
+    assert back[0].momentum is None
+
+
 def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
     bn = nn.BatchNorm2d(4)
     bn(torch.randn(8, 4, 3, 3))

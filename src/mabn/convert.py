@@ -172,7 +172,7 @@ def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], d
         more = {k: getattr(src.config, k) for k in _CONFIG_KEYS if k not in norm_kwargs and _accepts(norm, k, dim)}
         new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **more, **norm_kwargs)
     same_form = _form(new) is not None and _form(new) == _form(src)
-    if "momentum" not in norm_kwargs and src.momentum is not None and same_form:
+    if "momentum" not in norm_kwargs and same_form:
         # Same form, same meaning of the running statistics: keep the source's EMA weight.
         new.momentum = src.momentum
     _copy_params(src, new)

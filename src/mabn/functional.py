@@ -57,7 +57,8 @@ class NormConfig:
             ``r`` (and ``d`` when centered), as Batch Renormalization. Default: ``True``.
         backward_stats: ``"batch"`` or ``"sma"`` for ``g`` and ``Psi``. Default: ``"sma"``.
         eps: added to the variance (second moment). Default: ``1e-5``.
-        momentum: weight of the new value in the running statistics, PyTorch's convention.
+        momentum: weight of the new value in the running statistics, PyTorch's convention; ``None``
+            keeps their cumulative average over the calls instead (weight ``1 / count``).
         norm_batch_size: samples per normalization group ``B``; ``None`` is the whole batch.
         window: number ``m`` of groups in the moving averages. Default: 16.
         r_max: clip ``r`` to ``[1 / r_max, r_max]``. Default: 5.
@@ -73,7 +74,7 @@ class NormConfig:
     renorm: bool = True
     backward_stats: str = "sma"
     eps: float = 1e-5
-    momentum: float = 0.02
+    momentum: float | None = 0.02
     norm_batch_size: int | None = None
     window: int = 16
     r_max: float = 5.0
@@ -91,9 +92,10 @@ class NormConfig:
         eps = _check_float("eps", self.eps)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        momentum = _check_float("momentum", self.momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if self.momentum is not None:
+            momentum = _check_float("momentum", self.momentum)
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         if self.norm_batch_size is not None:
             _check_int("norm_batch_size", self.norm_batch_size, 1)
         _check_int("window", self.window, 1)
@@ -483,10 +485,12 @@ def stream_norm(
         # Running (EMA) statistics, once per call from the mean over the call's groups. A call with
         # non-finite statistics keeps every buffer as it was.
         finite = _all_finite(batch)
+        # momentum=None: the cumulative average, as torch's BatchNorm (weight 1 / count).
+        ema_weight = config.momentum if config.momentum is not None else count.to(dtype).reciprocal()
         var_target = used_var * (n / (n - 1)) if config.centered else used_var
         var_target = var_target.mean(0) if groups > 1 else var_target[0]
         updates: list[tuple[Tensor, Tensor]] = [
-            (state.running_var, torch.where(finite, running_var.lerp(var_target, config.momentum), running_var)),
+            (state.running_var, torch.where(finite, running_var.lerp(var_target, ema_weight), running_var)),
             (state.num_batches_tracked, state.num_batches_tracked + finite),
         ]
         if config.centered:
@@ -494,7 +498,7 @@ def stream_norm(
             updates.append(
                 (
                     state.running_mean,
-                    torch.where(finite, running_mean.lerp(mean_target, config.momentum), running_mean),
+                    torch.where(finite, running_mean.lerp(mean_target, ema_weight), running_mean),
                 )
             )
         if new_window is not None:

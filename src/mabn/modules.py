@@ -105,7 +105,9 @@ class _StreamNorm(nn.Module):
         self.reset_parameters()
 
     eps = _config_property("eps", "Added to the variance (second moment) for numerical stability.")
-    momentum = _config_property("momentum", "Weight of the new value in the running statistics.")
+    momentum = _config_property(
+        "momentum", "Weight of the new value in the running statistics (None: cumulative average)."
+    )
     norm_batch_size = _config_property("norm_batch_size", "Samples per normalization group (None: the batch).")
     window = _config_property("window", "Number of groups in the moving averages.")
     r_max = _config_property("r_max", "Clipping bound of the renormalization factor r.")
@@ -206,7 +208,7 @@ class _GeneralBatchNorm(_StreamNorm):
         renorm: bool = True,
         backward_stats: str = "sma",
         eps: float = 1e-5,
-        momentum: float = 0.02,
+        momentum: float | None = 0.02,
         affine: bool = True,
         norm_batch_size: int | None = None,
         window: int = 16,
@@ -264,7 +266,8 @@ _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
         forward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
         renorm: renormalize towards the running statistics. Default: ``True``.
         backward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
-        eps: Default: ``1e-5``. momentum: Default: ``0.02``. affine: Default: ``True``.
+        eps: Default: ``1e-5``. momentum: Default: ``0.02`` (``None``: cumulative average).
+        affine: Default: ``True``.
         norm_batch_size: samples per normalization group; ``None`` is the whole batch.
         window, r_max, d_max, warmup_iters, renorm_warmup_iters: as in :class:`mabn.NormConfig`.
 
@@ -304,7 +307,7 @@ class _MABN(_StreamNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.02,
+        momentum: float | None = 0.02,
         affine: bool = True,
         norm_batch_size: int | None = None,
         window: int = 16,
@@ -366,7 +369,7 @@ _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR
         num_features: number of channels C.
         eps: added to the second moment. Default: ``1e-5``.
         momentum: weight of the new value in the running second moment ``running_var`` (the paper's
-            EMA weight 0.98 is 0.02 here). Default: ``0.02``.
+            EMA weight 0.98 is 0.02 here); ``None`` for the cumulative average. Default: ``0.02``.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
         norm_batch_size: samples per normalization group B; ``None`` is the whole batch. 1 is legal.
         window: number m of groups in the moving averages. Default: ``16``.
@@ -405,7 +408,7 @@ class _GhostBatchNorm(_StreamNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         norm_batch_size: int | None = None,
         device: torch.device | str | None = None,
@@ -426,7 +429,8 @@ _GHOST_DOC = r"""Ghost Batch Normalization over {dims}: BatchNorm with statistic
     Args:
         num_features: number of channels C.
         eps: Default: ``1e-5``.
-        momentum: weight of the new value in the running statistics. Default: ``0.1``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average, as in torch's BatchNorm. Default: ``0.1``.
         affine: learnable ``weight`` and ``bias``. Default: ``True``.
         norm_batch_size: samples per group B; ``None`` is the whole batch.
         device, dtype: factory arguments.
@@ -475,7 +479,7 @@ class _BatchRenorm(_StreamNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         norm_batch_size: int | None = None,
         r_max: float = 3.0,
@@ -507,7 +511,8 @@ _BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional gh
 
     Args:
         num_features: number of channels C.
-        eps: Default: ``1e-5``. momentum: Default: ``0.1``. affine: Default: ``True``.
+        eps: Default: ``1e-5``. momentum: Default: ``0.1`` (``None``: cumulative average).
+        affine: Default: ``True``.
         norm_batch_size: samples per group B; ``None`` is the whole batch.
         r_max: Default: ``3.0``. d_max: Default: ``5.0``.
         renorm_warmup_iters: Default: ``1000``.
