@@ -204,11 +204,14 @@ def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 def _group_second_moment(x: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     """Per-group, per-channel E[x^2], (G, C), accumulated in ``dtype``."""
+    n, c = x.shape[0], x.shape[1]
     if x.is_contiguous():
-        # One strided reduction over all groups; the fastest pass on the (N, C, *) layout.
-        xv = x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
-        norm = torch.linalg.vector_norm(xv, 2, dim=(1, 3), dtype=dtype)
-        return norm * norm / (xv.shape[1] * xv.shape[3])
+        # Reducing along the contiguous spatial axis first is the fastest pass on the (N, C, *)
+        # layout (several times faster than one strided reduction over samples and space); the
+        # per-sample sums of squares then add up over each group's samples.
+        norms = torch.linalg.vector_norm(x.reshape(n, c, -1), 2, dim=-1, dtype=dtype)  # (N, C)
+        per_group = norms.square().view(groups, n // groups, c).sum(dim=1)
+        return per_group / (x.numel() // (groups * c))
     # Channels-last and other layouts: the native batch-norm statistics kernel, mean^2 + var.
     mean, var = _group_moments(x.to(dtype) if dtype != x.dtype else x, groups)
     mean, var = mean.to(dtype), var.to(dtype)
