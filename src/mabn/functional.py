@@ -264,6 +264,11 @@ def _unpack(packed: Tensor, config: NormConfig) -> tuple[Tensor, Tensor | None, 
     return var, r, mean, d
 
 
+def _sum_groups(v: Tensor) -> Tensor:
+    """(G, C) -> (C,): the sum over groups (a view for one group)."""
+    return v[0] if v.shape[0] == 1 else v.sum(0)
+
+
 def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """a * b where None stands for 1."""
     if a is None:
@@ -329,8 +334,8 @@ class _NormFunction(torch.autograd.Function):
 
         grad_x = grad_weight = grad_bias = None
         gamma = weight.to(var.dtype) if weight is not None and weight.dtype != var.dtype else weight
-        gr_n = _product(gamma, r)  # dL/dz = gamma * r * dL/dy, z the normalized input
-        gr_n = gr_n / n if gr_n is not None else None
+        gr = _product(gamma, r)  # dL/dz = gamma * r * dL/dy, z the normalized input
+        gr_n = gr / n if gr is not None else None
         psi = sum_dy_xhat * gr_n if gr_n is not None else sum_dy_xhat / n
         if config.centered:
             g = sum_dy * gr_n if gr_n is not None else sum_dy / n
@@ -342,7 +347,7 @@ class _NormFunction(torch.autograd.Function):
             stats = _advance_backward_stream(state, config, stats)
         if ctx.needs_input_grad[0]:
             # dx = a * dy + b * x + c per (group, channel).
-            a = _product(_product(gamma, r), invstd)
+            a = _product(gr, invstd)
             b = invstd.square().mul_(stats[:, -1]).neg_()
             dyv, xv = _group_view(dy, groups), _group_view(x, groups)
             nd = xv.dim()
@@ -361,9 +366,9 @@ class _NormFunction(torch.autograd.Function):
             gw = sum_dy_xhat if r is None else r * sum_dy_xhat
             if d is not None:
                 gw = gw + d * sum_dy
-            grad_weight = gw.sum(0).to(weight.dtype)
+            grad_weight = _sum_groups(gw).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.sum(0).to(dy.dtype if weight is None else weight.dtype)
+            grad_bias = _sum_groups(sum_dy).to(dy.dtype if weight is None else weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
