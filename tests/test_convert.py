@@ -276,3 +276,19 @@ def test_not_a_module():
         mabn.convert_model([nn.BatchNorm2d(3)])
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         mabn.revert_model(None)
+
+
+def test_cumulative_momentum_carries_over_only_with_its_count():
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.BatchNorm2d(2, momentum=None))
+    for _ in range(5):
+        bn(torch.randn(8, 2, 3, 3) * 3)
+    ghost = mabn.convert_model(copy.deepcopy(bn), "bn", norm_batch_size=2)[0]
+    assert ghost.momentum is None and int(ghost.num_batches_tracked) == 5  # the count came along
+    # A layer with windows restarts its count: a cumulative average would forget the copied
+    # statistics at its first update, so it takes the preset's momentum instead.
+    windowed = mabn.convert_model(copy.deepcopy(bn), "bn_ema_sma")[0]
+    assert int(windowed.num_batches_tracked) == 0 and windowed.momentum == 0.1
+    before = windowed.running_var.clone()
+    windowed(torch.randn(8, 2, 3, 3))
+    assert (windowed.running_var - before).abs().max() < 0.2 * before.abs().max()

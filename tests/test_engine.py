@@ -262,3 +262,24 @@ def test_state_dict_resume_is_bit_identical(cls):
         assert torch.equal(ya, yb) and torch.equal(ga, gb)
     for name, value in full.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("n,b", [(8, 8), (8, 2), (12, 4), (130, 2), (6, 3)])
+def test_chunked_backward_reduction_matches_one_call_per_group(monkeypatch, n, b):
+    # The CPU reduction of contiguous input runs in sample chunks for large samples; force it on
+    # small ones (including more than 64 groups) and compare with one native call per group.
+    from mabn import functional as F
+
+    layer = mabn.MABN2d(3, norm_batch_size=b, warmup_iters=1, renorm_warmup_iters=1)
+    x = torch.randn(n, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    layer = layer.double()
+    grads = []
+    for threshold in (1 << 40, 1):
+        monkeypatch.setattr(F, "_CHUNKED_REDUCTION_MIN_NUMEL", threshold)
+        probe = copy.deepcopy(layer)
+        x.grad = None
+        probe(x).backward(dy)
+        grads.append((x.grad.clone(), probe.weight.grad, probe.bias.grad, probe.backward_window.clone()))
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c)

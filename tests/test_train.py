@@ -225,7 +225,9 @@ BASE = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--w
         (["--max-steps", "0"], "max_steps must be a positive integer, got 0"),
         (["--monitor-layers", "layer1.0.bn1"], "--monitor-layers needs --monitor-every"),
         (["--monitor-every", "0"], "monitor_every must be a positive integer, got 0"),
-        (["--monitor-every", "2", "--monitor-layers", "fc"], "'fc'"),
+        (["--monitor-every", "2", "--monitor-layers", "fc"], "--monitor-every/--monitor-layers: layer 'fc'"),
+        (["--monitor-every", "2", "--monitor-layers", ","], "--monitor-layers must name at least one layer"),
+        (["--monitor-every", "2", "--norm", "gn"], "no normalization layer found"),
         (["--schedule", "linear"], "unknown --schedule 'linear'"),
     ],
 )

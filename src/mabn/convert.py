@@ -172,11 +172,14 @@ def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], d
         more = {k: getattr(src.config, k) for k in _CONFIG_KEYS if k not in norm_kwargs and _accepts(norm, k, dim)}
         new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **more, **norm_kwargs)
     same_form = _form(new) is not None and _form(new) == _form(src)
-    if "momentum" not in norm_kwargs and same_form:
-        # Same form, same meaning of the running statistics: keep the source's EMA weight.
-        new.momentum = src.momentum
     _copy_params(src, new)
     _copy_stats(src, new)
+    # Same form, same meaning of the running statistics: keep the source's EMA weight. A cumulative
+    # average (None) carries over only with its call count, or its first update would discard the
+    # statistics just copied.
+    if "momentum" not in norm_kwargs and same_form:
+        if src.momentum is not None or torch.equal(new.num_batches_tracked, src.num_batches_tracked):
+            new.momentum = src.momentum
     return new
 
 
@@ -206,7 +209,8 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
     :data:`mabn.CENTRALIZED`. Each new layer keeps the old one's parameters (the same
     ``nn.Parameter`` objects, hence ``requires_grad``), device, dtype and ``.training``; ``eps``,
     ``affine`` and ``norm_batch_size`` carry over unless given, ``momentum`` when old and new layer
-    have the same form (centered or uncentered), and every hyper-parameter (``window``, ``r_max``,
+    have the same form (centered or uncentered; a cumulative average, ``momentum=None``, only
+    together with its call count), and every hyper-parameter (``window``, ``r_max``,
     warm-ups, ...) between layers of this package of the same structure (e.g. MABN -> MABN with
     another ``norm_batch_size``).
 

@@ -9,9 +9,9 @@ Every layer of this package is a point of one family (see ``NormConfig``):
 * the *backward statistics*: ``g`` (centered only) and ``Psi`` of the group (``"batch"``) or their
   simple moving average over the last ``window`` groups (``"sma"``).
 
-The heavy passes over activations use PyTorch's native batch-norm kernels (statistics, gradient
-reductions) and a single fused elementwise op each way; everything in between works on per-channel
-vectors. Counters and schedules are tensors, so there is no host synchronization and no Python
+The heavy passes over activations are one statistics pass (a norm reduction or PyTorch's native
+batch-norm statistics kernel) and one elementwise pass forward, and one native gradient reduction
+and two elementwise passes backward; everything in between works on per-channel vectors. Counters and schedules are tensors, so there is no host synchronization and no Python
 branching on tensor values.
 """
 
@@ -235,7 +235,7 @@ def _reduction_chunk(x: Tensor, dy: Tensor, b: int) -> int:
     if x.numel() // n < _CHUNKED_REDUCTION_MIN_NUMEL:
         return b
     least = -(-n // 64)  # at most 64 calls
-    return next(k for k in range(least, b + 1) if b % k == 0)
+    return next((k for k in range(least, b + 1) if b % k == 0), b)
 
 
 def _group_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, groups: int) -> tuple[Tensor, Tensor]:

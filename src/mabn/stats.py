@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs-dir",
         default="runs/stats",
-        help="training runs go to RUNS_DIR/<run>; a finished run with the same settings is reused "
-        "(default: runs/stats)",
+        help="training runs go to RUNS_DIR/<run>; a finished run with the same settings is reused, one "
+        "with other settings is an error (default: runs/stats)",
     )
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (idx files)")
     parser.add_argument(
@@ -180,7 +180,7 @@ def _train_runs(args: argparse.Namespace, runs: list[str]) -> list[dict[str, Any
     for run_name in runs:
         config = run_config(run_name, args)
         print(f"[{run_name}] {RUNS[run_name]['title']}: {args.steps} steps; {train_command(config)}", flush=True)
-        run_or_resume(config, progress=args.progress)
+        run_or_resume(config, progress=args.progress, out_option="--runs-dir")
         run_records = read_stats_log(Path(config["out"]) / STATS_LOG)
         records += [{"run": run_name, **r} for r in run_records]
     return records

@@ -349,7 +349,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
         if c["monitor_every"] is None:
             raise ValueError("--monitor-layers needs --monitor-every")
         if not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers):
-            raise ValueError(f"monitor_layers must be a non-empty list of layer names, got {layers!r}")
+            raise ValueError(f"--monitor-layers must name at least one layer, got {layers!r}")
     return c
 
 
@@ -662,7 +662,11 @@ def train(
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(_to_tuple(ckpt["rng"]["python"]))
 
-    monitor = _make_monitor(model, config, out, step if ckpt is not None else None) if ddp.rank == 0 else None
+    # Every process builds the monitor, so that a bad layer name fails on all of them alike; rank 0 keeps it.
+    monitor = _make_monitor(model, config, out if ddp.rank == 0 else None, step if ckpt is not None else None)
+    if monitor is not None and ddp.rank != 0:
+        monitor.remove()
+        monitor = None
 
     if ddp.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -804,16 +808,23 @@ def train(
         ddp.close()
 
 
-def _make_monitor(model: nn.Module, config: dict[str, Any], out: Path, resumed_step: int | None) -> Any:
-    """The run's :class:`BatchStatsMonitor` (None without ``monitor_every``); a resumed run keeps its records."""
+def _make_monitor(model: nn.Module, config: dict[str, Any], out: Path | None, resumed_step: int | None) -> Any:
+    """The run's :class:`BatchStatsMonitor` (None without ``monitor_every``).
+
+    A resumed run continues its step numbering and, when ``out`` is given, keeps the records of its
+    log up to the checkpoint's step.
+    """
     if config["monitor_every"] is None:
         return None
     from .monitor import BatchStatsMonitor, read_stats_log
 
-    monitor = BatchStatsMonitor(
-        model, layers=config["monitor_layers"], every=config["monitor_every"], start_step=resumed_step or 0
-    )
-    if resumed_step is not None and (out / STATS_LOG).is_file():
+    try:
+        monitor = BatchStatsMonitor(
+            model, layers=config["monitor_layers"], every=config["monitor_every"], start_step=resumed_step or 0
+        )
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"--monitor-every/--monitor-layers: {exc}") from None
+    if resumed_step is not None and out is not None and (out / STATS_LOG).is_file():
         monitor.records.extend(r for r in read_stats_log(out / STATS_LOG) if r["step"] <= resumed_step)
     return monitor
 
@@ -832,12 +843,17 @@ def _save_stats_log(records: list[dict[str, Any]], path: Path) -> None:
         raise
 
 
-def run_or_resume(config: dict[str, Any], progress: bool | None = None) -> dict[str, Any]:
+def run_or_resume(config: dict[str, Any], progress: bool | None = None, out_option: str = "--out") -> dict[str, Any]:
     """The result of the run in ``config["out"]``: read when finished, else resumed or trained.
 
     A finished run is reused only when its configuration matches ``config`` (up to
     :data:`RUNTIME_KEYS`); a checkpoint without a result is resumed. This lets a series of runs
     (``mabn reproduce``, ``mabn stats``) pick up where an interrupted invocation stopped.
+
+    Args:
+        config: training configuration, as for :func:`train`.
+        progress: show a progress bar (default: when stderr is a terminal).
+        out_option: the option that sets the directory, named in the error message.
 
     Raises:
         ValueError: the directory holds a finished run with other settings, or see :func:`train`.
@@ -848,7 +864,9 @@ def run_or_resume(config: dict[str, Any], progress: bool | None = None) -> dict[
         result = json.loads((out / RESULT).read_text())
         diffs = _config_differences(result.get("config", {}), config)
         if diffs:
-            raise ValueError(f"{out} holds a finished run with other settings ({'; '.join(diffs)}); use another --out")
+            raise ValueError(
+                f"{out} holds a finished run with other settings ({'; '.join(diffs)}); use another {out_option}"
+            )
         return result
     return train(config, resume=(out / CHECKPOINT).is_file(), progress=progress)
 
