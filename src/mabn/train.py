@@ -222,6 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="EPOCHS",
         help="stop once this many epochs are done (continue later with --resume)",
     )
+    g.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
+    )
     g = parser.add_argument_group("batch-statistics monitor")
     g.add_argument(
         "--monitor-every",
@@ -236,9 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAMES",
         help="comma-separated layer names to monitor (default: every normalization layer)",
-    )
-    g.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
     )
 
 
