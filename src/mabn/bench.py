@@ -300,10 +300,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per variant (median; default 10)")
     parser.add_argument("--quick", action="store_true", help="layers: only the two smallest shapes, contiguous")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        metavar="NxCxHxW,...",
+        help="layers: these shapes instead of the default ResNet-50 ones (e.g. 32x1024x14x14,32x2048x7x7)",
+    )
     parser.add_argument("--batch", type=int, default=16, help="model: batch size (default 16)")
     parser.add_argument("--image-size", type=int, default=112, help="model: image size (default 112)")
     parser.add_argument("--no-compile", action="store_true", help="model: skip the torch.compile variant")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes expects comma-separated NxCxHxW with positive sizes, got {item.strip()!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n== {what}", flush=True)
         if what == "layers":
             shapes = [LAYER_SHAPES[0], LAYER_SHAPES[4]] if args.quick else LAYER_SHAPES
+            if args.shapes is not None:
+                shapes = _parse_shapes(args.shapes)
             print("forward+backward time relative to torch.nn.BatchNorm2d (naive / MABN2d: the speed-up)")
             bench_layers(shapes, args.repeats, channels_last=not args.quick)
         elif what == "memory":
