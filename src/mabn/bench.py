@@ -227,6 +227,31 @@ def bench_memory(shape: tuple[int, ...] = (32, 256, 56, 56)) -> list[dict]:
     return rows
 
 
+def bench_model_memory(batch: int = 16, image_size: int = 112) -> list[dict]:
+    """Activation memory of a ResNet-50 training step: bytes saved for backward by its forward."""
+    from .models import resnet50
+
+    x = torch.randn(batch, 3, image_size, image_size)
+    configs = {
+        f"ResNet-50 BN (B={batch})": dict(norm_layer="bn"),
+        "ResNet-50 MABN (B=2) + WC": dict(norm_layer="mabn", conv_layer=CenConv2d, norm_batch_size=2),
+    }
+    rows, bn = [], None
+    for name, kwargs in configs.items():
+        model = resnet50(**kwargs)
+        for m in model.modules():  # past the warm-ups, renormalization on
+            if isinstance(m, MABN2d):
+                m.warmup_iters = m.renorm_warmup_iters = 1
+        nbytes = saved_bytes(model, x)
+        bn = bn or nbytes
+        rows.append({"layer": name, "saved_MB": nbytes / 2**20, "ratio": nbytes / bn})
+        print(
+            f"{name:>26s}: {nbytes / 2**20:8.1f} MB saved for backward at {image_size} px ({nbytes / bn:.3f}x BN)",
+            flush=True,
+        )
+    return rows
+
+
 def bench_model(batch: int, image_size: int, repeats: int, compile: bool) -> list[dict]:
     """ResNet-50 training step: BN at B=batch vs MABN at B=2 (with and without weight centralization)."""
     from .models import resnet50
@@ -343,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
             bench_layers(shapes, args.repeats, channels_last=not args.quick)
         elif what == "memory":
             bench_memory()
+            bench_model_memory(args.batch, args.image_size)
         elif what == "model":
             bench_model(args.batch, args.image_size, args.repeats, compile=not args.no_compile)
         elif what == "centralization":
