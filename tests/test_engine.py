@@ -283,3 +283,22 @@ def test_chunked_backward_reduction_matches_one_call_per_group(monkeypatch, n, b
         grads.append((x.grad.clone(), probe.weight.grad, probe.bias.grad, probe.backward_window.clone()))
     for a, c in zip(*grads):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("n,groups", [(8, 1), (8, 4), (6, 6)])
+def test_per_sample_centered_statistics_are_exact(monkeypatch, n, groups):
+    # Contiguous CPU input with large samples takes per-sample passes; force them on a small one.
+    from mabn import functional as F
+
+    monkeypatch.setattr(F, "_PER_SAMPLE_MIN_NUMEL", 1)
+    x = torch.randn(n, 3, 7, 5) * torch.tensor([0.1, 1.0, 10.0]).view(1, 3, 1, 1) + 100.0  # mean >> spread
+    mean, var = F._group_moments(x, groups)
+    ref = x.double().unflatten(0, (groups, n // groups))
+    assert_close(mean.double(), ref.mean(dim=(1, 3, 4)), rtol=1e-6, atol=1e-5)
+    assert_close(var.double(), ref.var(dim=(1, 3, 4), unbiased=False), rtol=1e-4, atol=1e-6)
+    # And through a layer: ghost BN at B = N is torch's BatchNorm.
+    ours, theirs = mabn.GhostBatchNorm2d(3), nn.BatchNorm2d(3)
+    x.requires_grad_()
+    y1, y2 = ours(x), theirs(x)
+    assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+    assert_close(ours.running_var, theirs.running_var)

@@ -197,7 +197,19 @@ def _per_group_channel(v: Tensor, ndim: int) -> Tensor:
 
 
 def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group, per-channel mean and biased variance, each (G, C), in one native pass a group."""
+    """Per-group, per-channel mean and biased variance, each (G, C)."""
+    n, c = x.shape[0], x.shape[1]
+    if _per_sample_passes(x):
+        # Two passes along each sample's contiguous spatial axis (mean, then the norm of x - mean)
+        # run about twice as fast on CPU as the native statistics kernel on the (N, C, *) layout and
+        # stay exact: the groups' moments combine the samples' without cancellation.
+        x3 = x.reshape(n, c, -1)
+        mean = x3.mean(dim=-1, keepdim=True)
+        var = torch.linalg.vector_norm(x3 - mean, 2, dim=-1).square_().div_(x3.shape[-1])
+        means, variances = mean.view(groups, n // groups, c), var.view(groups, n // groups, c)
+        group_mean = means.mean(dim=1)
+        spread = (means - group_mean.unsqueeze(1)).square_().mean(dim=1)
+        return group_mean, variances.mean(dim=1) + spread
     pairs = [torch.batch_norm_update_stats(xg, None, None, 0.0) for xg in _group_slices(x, groups)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -220,6 +232,14 @@ def _group_second_moment(x: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
 
 #: Per-sample size from which the CPU backward reduction of contiguous input runs in sample chunks.
 _CHUNKED_REDUCTION_MIN_NUMEL = 1 << 14
+#: Per-sample size from which the CPU centered statistics of contiguous input run sample by sample.
+_PER_SAMPLE_MIN_NUMEL = 1 << 14
+
+
+def _per_sample_passes(x: Tensor) -> bool:
+    """Whether the statistics of ``x`` are best reduced sample by sample along the spatial axis."""
+    n = x.shape[0]
+    return x.device.type == "cpu" and x.dim() > 2 and x.is_contiguous() and x.numel() // n >= _PER_SAMPLE_MIN_NUMEL
 
 
 def _reduction_chunk(x: Tensor, dy: Tensor, b: int) -> int:
