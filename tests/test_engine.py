@@ -276,7 +276,7 @@ def test_chunked_backward_reduction_matches_one_call_per_group(monkeypatch, n, b
     layer = layer.double()
     grads = []
     for threshold in (1 << 40, 1):
-        monkeypatch.setattr(F, "_CHUNKED_REDUCTION_MIN_NUMEL", threshold)
+        monkeypatch.setattr(F, "_PER_SAMPLE_MIN_NUMEL", threshold)
         probe = copy.deepcopy(layer)
         x.grad = None
         probe(x).backward(dy)

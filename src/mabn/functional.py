@@ -9,10 +9,11 @@ Every layer of this package is a point of one family (see ``NormConfig``):
 * the *backward statistics*: ``g`` (centered only) and ``Psi`` of the group (``"batch"``) or their
   simple moving average over the last ``window`` groups (``"sma"``).
 
-The heavy passes over activations are one statistics pass (a norm reduction or PyTorch's native
-batch-norm statistics kernel) and one elementwise pass forward, and one native gradient reduction
-and two elementwise passes backward; everything in between works on per-channel vectors. Counters and schedules are tensors, so there is no host synchronization and no Python
-branching on tensor values.
+The heavy passes over activations are the statistics (one pass for E[x^2], two exact ones for the
+mean and variance of contiguous CPU input, else PyTorch's native statistics kernel) and one
+elementwise pass forward, and one native gradient reduction and two elementwise passes backward;
+everything in between works on per-channel vectors. Counters and schedules are tensors, so there is
+no host synchronization and no Python branching on tensor values.
 """
 
 from __future__ import annotations
@@ -230,9 +231,7 @@ def _group_second_moment(x: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return var + mean * mean
 
 
-#: Per-sample size from which the CPU backward reduction of contiguous input runs in sample chunks.
-_CHUNKED_REDUCTION_MIN_NUMEL = 1 << 14
-#: Per-sample size from which the CPU centered statistics of contiguous input run sample by sample.
+#: Per-sample size from which contiguous CPU input is reduced sample by sample (statistics, gradients).
 _PER_SAMPLE_MIN_NUMEL = 1 << 14
 
 
@@ -249,12 +248,9 @@ def _reduction_chunk(x: Tensor, dy: Tensor, b: int) -> int:
     samples; calls over a few samples at a time keep the data of a channel together and run about
     twice as fast once a sample is large. Other layouts and devices use one call per group.
     """
-    n = x.shape[0]
-    if x.device.type != "cpu" or b == 1 or not (x.is_contiguous() and dy.is_contiguous()):
+    if b == 1 or not (_per_sample_passes(x) and dy.is_contiguous()):
         return b
-    if x.numel() // n < _CHUNKED_REDUCTION_MIN_NUMEL:
-        return b
-    least = -(-n // 64)  # at most 64 calls
+    least = -(-x.shape[0] // 64)  # at most 64 calls
     return next((k for k in range(least, b + 1) if b % k == 0), b)
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
@@ -563,26 +563,34 @@ def log_format(path: str | os.PathLike) -> str:
     raise ValueError(f"cannot tell the format of {os.fspath(path)!r}: expected a .csv or .jsonl file (optionally .gz)")
 
 
-def write_stats_csv(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+def write_stats_csv(records: Sequence[dict[str, Any]], path: str | os.PathLike | TextIO) -> None:
     """Write monitor records as CSV: one row per record, None as an empty field.
 
     Floats are written with ``repr`` so :func:`read_stats_log` reads back the same values.
 
     Args:
         records: dicts as in :attr:`BatchStatsMonitor.records` (extra keys such as ``run`` allowed).
-        path: the file to write; gzip-compressed when the name ends in ``.gz``.
+        path: the file to write, gzip-compressed when the name ends in ``.gz``; or an open text file
+            (opened with ``newline=""``), which is left open.
     """
-    columns = _columns(records)
+    if hasattr(path, "write"):
+        _write_csv_rows(records, path)
+        return
     with _open_text(path, "w") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for record in records:
-            writer.writerow(
-                [
-                    "" if record.get(c) is None else repr(record[c]) if isinstance(record[c], float) else record[c]
-                    for c in columns
-                ]
-            )
+        _write_csv_rows(records, f)
+
+
+def _write_csv_rows(records: Sequence[dict[str, Any]], f: TextIO) -> None:
+    columns = _columns(records)
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(
+            [
+                "" if record.get(c) is None else repr(record[c]) if isinstance(record[c], float) else record[c]
+                for c in columns
+            ]
+        )
 
 
 def write_stats_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -830,17 +832,14 @@ def _make_monitor(model: nn.Module, config: dict[str, Any], out: Path | None, re
 
 
 def _save_stats_log(records: list[dict[str, Any]], path: Path) -> None:
-    """Write the monitor's records to ``path`` so that it is either the old or the complete new log."""
+    """Write the monitor's records to ``path`` (gzip CSV) so that it is either the old or the complete new log."""
     from .monitor import write_stats_csv
 
-    tmp = path.with_name(f".{path.name}.tmp.csv.gz")
-    try:
-        write_stats_csv(records, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    def write(f: Any) -> None:
+        with gzip.GzipFile(fileobj=f, mode="wb") as packed, io.TextIOWrapper(packed, newline="") as text:
+            write_stats_csv(records, text)
+
+    atomic_write(path, write)
 
 
 def run_or_resume(config: dict[str, Any], progress: bool | None = None, out_option: str = "--out") -> dict[str, Any]:
