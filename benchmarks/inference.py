@@ -43,7 +43,7 @@ from mabn import models  # noqa: E402
 
 def _calibrate(model: nn.Module, batch: int, size: int) -> nn.Module:
     """Running statistics of one random batch (momentum 1), so evaluation-mode activations keep their scale."""
-    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, mabn.modules._StreamNorm))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, mabn.StreamNorm))]
     if norms:
         for m in norms:
             m.momentum = 1.0

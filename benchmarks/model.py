@@ -5,6 +5,6 @@ python benchmarks/model.py             # same as: mabn bench model centralizatio
 
 import sys
 
-from mabn.cli import main
+from mabn.apps.cli import main
 
 sys.exit(main(["bench", "model", "centralization", *sys.argv[1:]]))

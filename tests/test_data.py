@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mabn import data
+from mabn.apps import data
 
 
 def _gen(seed=0):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mabn.cli import main
-from mabn.data import FASHION_MNIST_DIR
+from mabn.apps.cli import main
+from mabn.apps.data import FASHION_MNIST_DIR
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh)")

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
+from mabn.apps.train import STATS_LOG
 from mabn.monitor import read_stats_log
-from mabn.train import STATS_LOG
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
@@ -17,7 +17,7 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mabn.train", "--data", "synthetic", "--limit-train", "192", "--limit-test", "64",
+        "-m", "mabn", "train", "--data", "synthetic", "--limit-train", "192", "--limit-test", "64",
         "--width", "4", "--epochs", "1", "--norm", "mabn", "--norm-batch-size", "2", "--conv", "centralized",
         "--threads", "1", "--device", "cpu", "--out", str(out), "--monitor-every", "1",
     ]  # fmt: skip

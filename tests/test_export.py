@@ -13,7 +13,8 @@ from test_fold import calibrate
 from torch.testing import assert_close
 
 import mabn
-from mabn import cli, models
+from mabn import models
+from mabn.apps import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -118,14 +119,14 @@ def test_cli_exports_a_checkpoint(trained, tmp_path, capsys, fmt):
 
 
 def test_cli_input_shape_defaults_and_options():
-    from mabn.export import default_input_shape
+    from mabn.apps.export import default_input_shape
 
     assert default_input_shape(CONFIG) == (1, 1, 28, 28)
     assert default_input_shape({**CONFIG, "in_channels": 3}) == (1, 3, 32, 32)
     assert default_input_shape({"arch": "resnet50"}, 8) == (8, 3, 224, 224)
     assert default_input_shape({"arch": "resnet18", "in_channels": 1}, 2, 64) == (2, 1, 64, 64)
     parser = argparse.ArgumentParser()
-    mabn.export.add_arguments(parser)
+    mabn.apps.export.add_arguments(parser)
     args = parser.parse_args(["c.pt", "-o", "m.onnx"])
     assert (args.format, args.batch_size, args.image_size, args.static_batch) == ("onnx", 1, None, False)
 

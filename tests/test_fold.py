@@ -16,7 +16,7 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instance
 
 
 def _norm_layers(model):
-    return [m for m in model.modules() if isinstance(m, (mabn.modules._StreamNorm, nn.modules.batchnorm._BatchNorm))]
+    return [m for m in model.modules() if isinstance(m, (mabn.StreamNorm, nn.modules.batchnorm._BatchNorm))]
 
 
 @torch.no_grad()

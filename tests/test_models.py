@@ -161,7 +161,7 @@ def test_build_model_defaults():
         ({"arch": "resnet18", "depth": 2}, ValueError, "does not take: depth"),
         ({"arch": "resnet_small", "widht": 2}, ValueError, "does not take: widht"),
         ({"arch": "resnet_small", "norm": "xx"}, ValueError, "unknown norm layer 'xx'"),
-        ({"arch": "resnet_small", "conv": "xx"}, ValueError, "unknown conv_layer 'xx'"),
+        ({"arch": "resnet_small", "conv": "xx"}, ValueError, "conv must be one of"),
         ({"arch": "resnet_small", "norm_kwargs": [1]}, TypeError, "norm_kwargs"),
         ({"arch": "resnet_small", "depth": 0}, ValueError, "depth must be a positive int"),
         ([("arch", "resnet18")], TypeError, "model_config must be a dict"),

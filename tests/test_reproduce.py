@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from mabn import cli, reproduce
-from mabn import train as trainer
+from mabn.apps import cli, reproduce
+from mabn.apps import train as trainer
 
 TINY = ["--data", "synthetic", "--limit-train", "96", "--limit-test", "64", "--width", "4", "--epochs", "1",
         "--threads", "1", "--no-progress"]  # fmt: skip

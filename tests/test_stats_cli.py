@@ -8,11 +8,11 @@ import shlex
 import pytest
 from PIL import Image
 
-from mabn.cli import main
-from mabn.data import FASHION_MNIST_DIR
+from mabn.apps.cli import main
+from mabn.apps.data import FASHION_MNIST_DIR
+from mabn.apps.stats import format_table, run_config, summarize, train_command
+from mabn.apps.train import STATS_LOG, train
 from mabn.monitor import read_stats_log, write_stats_csv, write_stats_jsonl
-from mabn.stats import format_table, run_config, summarize, train_command
-from mabn.train import STATS_LOG, train
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def tiny_records(tmp_path_factory):
 def stats_parser():
     import argparse
 
-    from mabn.stats import add_arguments
+    from mabn.apps.stats import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

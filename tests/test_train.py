@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from mabn import cli
-from mabn import train as trainer
+from mabn.apps import cli, files
+from mabn.apps import train as trainer
 
 
 def _config(out, **overrides):
@@ -49,7 +49,7 @@ def test_train_writes_config_metrics_checkpoint_and_result(tmp_path):
 
     model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    assert trainer.param_digest(model) == result["param_digest"]
+    assert files.param_digest(model) == result["param_digest"]
     assert 0.0 <= result["error"] <= 100.0 and result["error"] == lines[-1]["test_error"]
     assert json.loads((out / "result.json").read_text())["error"] == result["error"]
 
@@ -111,7 +111,7 @@ def test_resume_refuses_another_configuration(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    trainer.atomic_save({"a": torch.ones(3)}, path)
+    files.atomic_save({"a": torch.ones(3)}, path)
     before = path.read_bytes()
 
     def broken_save(obj, f):
@@ -120,7 +120,7 @@ def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        trainer.atomic_save({"a": torch.zeros(3)}, path)
+        files.atomic_save({"a": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no stray temporary file
 
@@ -249,17 +249,17 @@ def test_corrupt_checkpoint_and_existing_run_leave_files_untouched(tmp_path, cap
     ckpt.write_bytes(files["checkpoint.pt"][: len(files["checkpoint.pt"]) // 2])  # truncated file
     files["checkpoint.pt"] = ckpt.read_bytes()
     code, err = _cli([*BASE, "--out", str(out), "--resume"], capsys)
-    assert code == 2 and "corrupt or unreadable" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and "cannot read checkpoint" in err and err.count("\n") == 1 and "Traceback" not in err
     ckpt.write_bytes(b"\x00" * 100)
     files["checkpoint.pt"] = ckpt.read_bytes()
     code, err = _cli([*BASE, "--out", str(out), "--resume"], capsys)
-    assert code == 2 and "corrupt or unreadable" in err and err.count("\n") == 1
+    assert code == 2 and "cannot read checkpoint" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 
 def test_python_m_mabn_train_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mabn.train", *BASE, "--norm-batch-size", "5", "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "mabn", "train", *BASE, "--norm-batch-size", "5", "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -1,14 +1,25 @@
-"""mabn: Moving Average Batch Normalization and the small-batch normalization family for PyTorch."""
+"""mabn: Moving Average Batch Normalization and the small-batch normalization family for PyTorch.
+
+The library (this package, importing torch only): the engine (:mod:`mabn.functional`), the layers
+(:mod:`mabn.modules`), weight centralization (:mod:`mabn.conv`), the factory, the converters,
+folding, export, activation checkpointing, the batch-statistics monitor and the models. The
+application (the ``mabn`` command: training, data, reproduction grids, benchmarks) lives in
+:mod:`mabn.apps` and is never imported from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import models
-from .conv import CENTRALIZED, CenConv1d, CenConv2d, CenConv3d, CenLinear, centralize_weight
+from .config import PRESETS, NormConfig
+from .conv import CENTRALIZED, CONV_CHOICES, CenConv1d, CenConv2d, CenConv3d, CenLinear, centralize_weight
 from .convert import convert_model, revert_model
-from .export import export_model
 from .factory import NORM_NAMES, create_norm_layer
 from .fold import FoldReport, fold, to_batchnorm
-from .functional import NormConfig, NormState, stream_norm
+from .functional import NormState, stream_norm
 from .modules import (
-    PRESETS,
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
@@ -21,16 +32,38 @@ from .modules import (
     MABN1d,
     MABN2d,
     MABN3d,
+    StreamNorm,
 )
-from .monitor import BatchStatsMonitor, read_stats_log
+from .recompute import checkpoint, checkpoint_context
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Loaded on first use: the monitor (CSV/JSON logs) and the exporter (ONNX) are not needed to train.
+_LAZY = {
+    "BatchStatsMonitor": "mabn.monitor",
+    "read_stats_log": "mabn.monitor",
+    "export_model": "mabn.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mabn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "PRESETS",
     "NormConfig",
     "NormState",
     "stream_norm",
+    "StreamNorm",
     "MABN1d",
     "MABN2d",
     "MABN3d",
@@ -48,6 +81,7 @@ __all__ = [
     "CenConv3d",
     "CenLinear",
     "CENTRALIZED",
+    "CONV_CHOICES",
     "centralize_weight",
     "create_norm_layer",
     "NORM_NAMES",
@@ -57,6 +91,8 @@ __all__ = [
     "to_batchnorm",
     "FoldReport",
     "export_model",
+    "checkpoint",
+    "checkpoint_context",
     "BatchStatsMonitor",
     "read_stats_log",
     "models",

@@ -10,7 +10,28 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["centralize_weight", "CenConv1d", "CenConv2d", "CenConv3d", "CenLinear", "CENTRALIZED"]
+__all__ = [
+    "centralize_weight",
+    "CenConv1d",
+    "CenConv2d",
+    "CenConv3d",
+    "CenLinear",
+    "CENTRALIZED",
+    "CONV_CHOICES",
+    "check_conv",
+]
+
+#: The convolution choices of every API and command: plain layers or weight centralization (the paper's WC).
+CONV_CHOICES = ("none", "centralized")
+
+
+def check_conv(conv: str | None) -> str | None:
+    """``None``/``"none"`` -> None (plain convolutions), ``"centralized"`` -> ``"centralized"``; else a ValueError."""
+    if conv is None or conv == "none":
+        return None
+    if conv == "centralized":
+        return conv
+    raise ValueError(f"conv must be one of {CONV_CHOICES} (or None), got {conv!r}")
 
 
 def centralize_weight(weight: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ same ``nn.Parameter`` objects, so an optimizer built before the conversion keeps
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -18,34 +19,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .conv import CENTRALIZED, centralize_weight
-from .factory import _CLASS_NAMES, _FAMILIES, NORM_NAMES, NormSpec, create_norm_layer, same_family
-from .modules import _StreamNorm
+from .config import NormConfig
+from .conv import CENTRALIZED, centralize_weight, check_conv
+from .factory import NORM_NAMES, NormSpec, canonical_name, create_norm_layer, norm_class, same_family
+from .modules import FAMILIES, StreamNorm
 
 __all__ = ["convert_model", "revert_model", "is_norm_layer", "norm_dim"]
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _TORCH_BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _PLAIN = {cen: plain for plain, cen in CENTRALIZED.items()}
-_NAME_KWARGS = {
-    "bn": {"eps", "momentum", "affine", "norm_batch_size", "device", "dtype"},
-    "gn": {"eps", "affine", "device", "dtype"},
-    "ln": {"eps", "affine", "device", "dtype"},
-    "in": {"eps", "momentum", "affine", "device", "dtype"},
-}
 # Hyper-parameters that carry over between layers of this package with the same structure.
-_CONFIG_KEYS = ("momentum", "window", "r_max", "d_max", "warmup_iters", "renorm_warmup_iters")
+_CONFIG_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(NormConfig)
+    if f.name not in ("centered", "forward_stats", "renorm", "backward_stats", "eps", "norm_batch_size")
+)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
     """True for the layers :func:`convert_model` replaces: torch's BatchNorm*d, SyncBatchNorm, this package's."""
-    return isinstance(module, (*_TORCH_BN, _StreamNorm))
+    return isinstance(module, (*_TORCH_BN, StreamNorm))
 
 
 def norm_dim(module: nn.Module) -> int | None:
     """1, 2 or 3 for a layer of a 1/2/3-D family (BatchNorm2d -> 2, MABN1d -> 1), else None."""
     for cls in type(module).__mro__:
-        for family in _FAMILIES:
+        for family in FAMILIES.values():
             if cls in family:
                 return family.index(cls) + 1
     return None
@@ -53,7 +53,7 @@ def norm_dim(module: nn.Module) -> int | None:
 
 def _form(module: nn.Module) -> str | None:
     """The form of a norm layer: "centered" (BatchNorm-like), "uncentered" (MABN-like) or None (no running stats)."""
-    if isinstance(module, _StreamNorm):
+    if isinstance(module, StreamNorm):
         return "centered" if module.config.centered else "uncentered"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
         return "centered"
@@ -63,10 +63,11 @@ def _form(module: nn.Module) -> str | None:
 def _accepts(norm: NormSpec, key: str, dim: int) -> bool:
     """Whether the layer that ``norm`` names takes the keyword ``key``."""
     if isinstance(norm, str):
-        name = norm.strip().lower().replace("-", "_")
-        if name in _NAME_KWARGS:
-            return key in _NAME_KWARGS[name]
-        func = _CLASS_NAMES[name][dim - 1] if name in _CLASS_NAMES else _FAMILIES[5][dim - 1]
+        func = norm_class(norm, dim)
+        if canonical_name(norm) == "bn" and key == "norm_batch_size":
+            return True  # "bn" with a normalization batch is ghost BN
+        if func in FAMILIES["general"]:
+            return key in ("eps", "affine", "device", "dtype") or key in _CONFIG_KEYS or key == "norm_batch_size"
     else:
         func = norm.func if isinstance(norm, functools.partial) else norm
         if inspect.isclass(func):
@@ -105,7 +106,7 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
 
 def _same_structure(src: nn.Module, dst: nn.Module) -> bool:
     """Both are layers of this package with the same form and the same kinds of statistics."""
-    if not (isinstance(src, _StreamNorm) and isinstance(dst, _StreamNorm)):
+    if not (isinstance(src, StreamNorm) and isinstance(dst, StreamNorm)):
         return False
     keys = ("centered", "forward_stats", "renorm", "backward_stats")
     return all(getattr(src.config, k) == getattr(dst.config, k) for k in keys)
@@ -118,7 +119,7 @@ def _same_stream(src: nn.Module, dst: nn.Module) -> bool:
 
 def _windowless(module: nn.Module) -> bool:
     """Batch statistics both ways (BatchNorm, ghost BN, BRN): no moving-average window to refill."""
-    if isinstance(module, _StreamNorm):
+    if isinstance(module, StreamNorm):
         return module.config.forward_stats == "batch" and module.config.backward_stats == "batch"
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
@@ -158,7 +159,7 @@ def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], d
             "the layers of this package always keep running statistics"
         )
     dim = norm_dim(src) or default_dim
-    ref = src.running_var if src.running_var is not None else src.weight
+    ref = src.weight if src.weight is not None else src.running_var
     carried: dict[str, Any] = {"eps": src.eps, "affine": src.affine}
     if ref is not None:
         carried.update(device=ref.device, dtype=ref.dtype)
@@ -250,10 +251,9 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(norm, str) and norm.strip().lower().replace("-", "_") not in NORM_NAMES:
+    if isinstance(norm, str) and canonical_name(norm) not in NORM_NAMES:
         raise ValueError(f"unknown norm layer {norm!r}; known names: {', '.join(NORM_NAMES)}")
-    if conv not in (None, "centralized"):
-        raise ValueError(f"conv must be None or 'centralized', got {conv!r}")
+    conv = check_conv(conv)
     norm_kwargs = dict(norm_kwargs)
     default_dim = norm_kwargs.pop("dim", 2)
     replacements: dict[int, nn.Module] = {}
@@ -269,22 +269,20 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
 
 
 @torch.no_grad()
-def _revert_norm(src: _StreamNorm) -> nn.Module:
+def _revert_norm(src: StreamNorm) -> nn.Module:
     cls = _TORCH_BN_BY_DIM[norm_dim(src) or 2]
+    ref = src.weight if src.weight is not None else src.running_var
     new = cls(
         src.num_features,
         src.eps,
         src.momentum,
         src.affine,
         True,
-        device=src.running_var.device,
-        dtype=src.running_var.dtype,
+        device=ref.device,
+        dtype=ref.dtype,
     )
     _copy_params(src, new)
-    if src.running_mean is not None:
-        new.running_mean.copy_(src.running_mean)
-    else:
-        new.running_mean.zero_()
+    new.running_mean.copy_(src.running_mean)  # zeros in the uncentered form
     new.running_var.copy_(src.running_var)
     new.num_batches_tracked.copy_(src.num_batches_tracked)
     return new
@@ -331,7 +329,7 @@ def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     replacements: dict[int, nn.Module] = {}
     for module in model.modules():
-        if isinstance(module, _StreamNorm):
+        if isinstance(module, StreamNorm):
             new = _revert_norm(module)
         elif type(module) in _PLAIN:
             new = _revert_conv(module, centered_weights)

@@ -14,44 +14,61 @@ from typing import Any
 
 from torch import nn
 
-from .modules import (
-    PRESETS,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    GeneralBatchNorm1d,
-    GeneralBatchNorm2d,
-    GeneralBatchNorm3d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    MABN1d,
-    MABN2d,
-    MABN3d,
-)
+from .config import PRESETS
+from .modules import FAMILIES
 
-__all__ = ["create_norm_layer", "NORM_NAMES", "default_num_groups", "same_family"]
+__all__ = [
+    "create_norm_layer",
+    "norm_class",
+    "NORM_NAMES",
+    "PER_SAMPLE_NORMS",
+    "is_batch_norm",
+    "canonical_name",
+    "default_num_groups",
+    "same_family",
+]
 
 NormSpec = str | type[nn.Module] | functools.partial | Callable[..., nn.Module]
 
-# Layers that exist in a 1-D, a 2-D and a 3-D variant, indexed by dim - 1.
-_FAMILIES: tuple[tuple[type[nn.Module], type[nn.Module], type[nn.Module]], ...] = (
-    (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-    (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
-    (MABN1d, MABN2d, MABN3d),
-    (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
-    (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
-    (GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d),
-)
+#: Normalizations with statistics of each sample only (no batch statistics, nothing to sync).
+PER_SAMPLE_NORMS: tuple[str, ...] = ("gn", "ln", "in")
 
-_CLASS_NAMES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
-    "ghost_bn": _FAMILIES[3],
-    "brn": _FAMILIES[4],
-    "mabn": _FAMILIES[2],
-}
+# Presets with classes of their own (MABN*d for "mabn", ...); the others use GeneralBatchNorm*d.
+_PRESET_FAMILY = {fam[0].preset: name for name, fam in FAMILIES.items() if getattr(fam[0], "preset", None)}
 
-#: Every name :func:`create_norm_layer` accepts.
-NORM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(["bn", "ghost_bn", "brn", "mabn", "gn", "ln", "in", *PRESETS]).keys())
+#: Every name :func:`create_norm_layer` accepts: the presets, ``ghost_bn`` and the per-sample norms.
+NORM_NAMES: tuple[str, ...] = ("bn", "ghost_bn", *(p for p in PRESETS if p != "bn"), *PER_SAMPLE_NORMS)
+
+
+def canonical_name(name: str) -> str:
+    """``"Ghost-BN"`` -> ``"ghost_bn"``: names are case-insensitive and accept dashes."""
+    return name.strip().lower().replace("-", "_")
+
+
+def is_batch_norm(norm: NormSpec) -> bool:
+    """Whether a norm choice uses batch statistics (so normalization batches and syncing apply)."""
+    return not (isinstance(norm, str) and canonical_name(norm) in PER_SAMPLE_NORMS)
+
+
+def norm_class(name: str, dim: int = 2, **kwargs: Any) -> type[nn.Module]:
+    """The class :func:`create_norm_layer` builds for ``name`` and these keyword arguments.
+
+    ``"bn"`` is torch's ``BatchNorm*d`` unless ``norm_batch_size``, ``accumulate`` or
+    ``process_group`` ask for what only :class:`mabn.GhostBatchNorm2d` does.
+    """
+    key = canonical_name(name)
+    if key == "bn":
+        extended = any(kwargs.get(k) not in (None, 1) for k in ("norm_batch_size", "accumulate", "process_group"))
+        return FAMILIES["ghost_bn" if extended else "torch_bn"][dim - 1]
+    if key in ("gn", "ln"):
+        return nn.GroupNorm
+    if key == "in":
+        return FAMILIES["torch_in"][dim - 1]
+    if key in FAMILIES and key in _PRESET_FAMILY.values():
+        return FAMILIES[key][dim - 1]
+    if key in PRESETS:
+        return FAMILIES[_PRESET_FAMILY.get(key, "general")][dim - 1]
+    raise ValueError(f"unknown norm layer {name!r}; known names: {', '.join(NORM_NAMES)}")
 
 
 def default_num_groups(num_features: int, preferred: int = 32) -> int:
@@ -70,7 +87,7 @@ def default_num_groups(num_features: int, preferred: int = 32) -> int:
 
 def same_family(cls: type[nn.Module], dim: int) -> type[nn.Module] | None:
     """The ``dim``-D sibling of a 1/2/3-D layer class (``MABN2d``, 1 -> ``MABN1d``), or None."""
-    for family in _FAMILIES:
+    for family in FAMILIES.values():
         if cls in family:
             return family[dim - 1]
     return None
@@ -103,27 +120,20 @@ def _group_norm(num_features: int, num_groups: int | None, kwargs: dict[str, Any
 
 
 def _from_name(name: str, num_features: int, dim: int, kwargs: dict[str, Any]) -> nn.Module:
-    key = name.strip().lower().replace("-", "_")
-    if key == "bn":
-        # BatchNorm with normalization groups smaller than the batch is ghost BN (the same math;
-        # with B = N GhostBatchNorm is exactly torch's BatchNorm); without, the native torch layer.
-        if kwargs.get("norm_batch_size") is not None:
-            return _FAMILIES[3][dim - 1](num_features, **kwargs)
-        kwargs.pop("norm_batch_size", None)
-        return _FAMILIES[0][dim - 1](num_features, **kwargs)
-    if key in _CLASS_NAMES:
-        return _CLASS_NAMES[key][dim - 1](num_features, **kwargs)
-    if key == "gn":
+    key = canonical_name(name)
+    cls = norm_class(key, dim, **kwargs)
+    if cls is nn.GroupNorm:
+        if key == "ln":  # LayerNorm over (C, *) with a per-channel affine, as GroupNorm with one group
+            return nn.GroupNorm(1, num_features, **kwargs)
         return _group_norm(num_features, kwargs.pop("num_groups", None), kwargs)
-    if key == "ln":
-        # LayerNorm over (C, *) with a per-channel affine, as GroupNorm with one group.
-        return nn.GroupNorm(1, num_features, **kwargs)
     if key == "in":
         kwargs.setdefault("affine", True)
-        return _FAMILIES[1][dim - 1](num_features, **kwargs)
-    if key in PRESETS:
-        return _FAMILIES[5][dim - 1].from_preset(key, num_features, **kwargs)
-    raise ValueError(f"unknown norm layer {name!r}; known names: {', '.join(NORM_NAMES)}")
+    if issubclass(cls, nn.modules.batchnorm._BatchNorm):
+        for unused in ("norm_batch_size", "accumulate", "process_group"):
+            kwargs.pop(unused, None)  # their defaults: torch's BatchNorm is the same layer
+    if cls in FAMILIES["general"]:
+        return cls.from_preset(key, num_features, **kwargs)
+    return cls(num_features, **kwargs)
 
 
 def _from_callable(norm: Callable[..., nn.Module], num_features: int, dim: int | None, kwargs: dict[str, Any]):

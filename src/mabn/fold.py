@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .conv import CENTRALIZED, CenLinear, _CenConv
 from .convert import _finish, _retype, norm_dim, revert_model
-from .modules import _StreamNorm
+from .modules import StreamNorm
 
 __all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
 
@@ -87,7 +87,7 @@ def _conv_dim(module: nn.Module) -> int | None:
 
 
 def _foldable_norm(module: nn.Module) -> bool:
-    if isinstance(module, _StreamNorm):
+    if isinstance(module, StreamNorm):
         return True
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
 
@@ -108,7 +108,7 @@ class _Tracer(fx.Tracer):
     """Keeps this package's layers as single calls, so they show up as modules in the graph."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (_StreamNorm, _CenConv, CenLinear)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (StreamNorm, _CenConv, CenLinear)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _unique_names(model: nn.Module) -> dict[int, str]:

@@ -1,17 +1,27 @@
-"""Normalization layers: thin modules that hold the state and call :func:`mabn.functional.stream_norm`."""
+"""Normalization layers: :class:`StreamNorm` holds the state, :func:`mabn.functional.stream_norm` does the math.
+
+Every class here is :class:`StreamNorm` with a :class:`mabn.NormConfig` taken from :data:`mabn.PRESETS`
+(``MABN*d``: ``"mabn"``, ``GhostBatchNorm*d``: ``"bn"``, ``BatchRenorm*d``: ``"brn"``) or given in full
+(``GeneralBatchNorm*d``), and a check of the input's dimensionality.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any
+import types
+import warnings
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .functional import NormConfig, NormState, stream_norm
+from ._kernels import HALF, stat_dtype
+from .config import PRESETS, NormConfig
+from .functional import NormState, stream_norm
 
 __all__ = [
-    "PRESETS",
+    "StreamNorm",
     "GeneralBatchNorm1d",
     "GeneralBatchNorm2d",
     "GeneralBatchNorm3d",
@@ -24,49 +34,95 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FAMILIES",
 ]
 
-#: The named members of the family: the paper's methods and the rows of its ablation (Table 2).
-#: Each entry fixes the form and the statistics; the hyper-parameters stay free.
-PRESETS: dict[str, dict[str, Any]] = {
-    # BatchNorm; "ghost" BN when norm_batch_size < N.
-    "bn": dict(centered=True, forward_stats="batch", renorm=False, backward_stats="batch", momentum=0.1),
-    # Batch Renormalization: batch statistics renormalized towards the EMA with clipped r and d.
-    "brn": dict(centered=True, forward_stats="batch", renorm=True, backward_stats="batch", momentum=0.1, r_max=3.0),
-    # Centered form, EMA-renormalized forward, SMA of g and Psi backward (the paper saw no convergence).
-    "bn_ema_sma": dict(centered=True, forward_stats="batch", renorm=True, backward_stats="sma", momentum=0.1),
-    # Uncentered ("modified") form with batch statistics.
-    "uncentered": dict(centered=False, forward_stats="batch", renorm=False, backward_stats="batch", momentum=0.1),
-    # Uncentered form, batch statistics renormalized towards the EMA ("EMAS in FP").
-    "uncentered_ema": dict(centered=False, forward_stats="batch", renorm=True, backward_stats="batch", momentum=0.02),
-    # MABN: uncentered, SMA renormalized towards the EMA forward, SMA of Psi backward.
-    "mabn": dict(centered=False, forward_stats="sma", renorm=True, backward_stats="sma", momentum=0.02),
-}
+#: Buffers that hold statistics (kept in float32 at least, whatever the parameters' dtype).
+_STAT_BUFFERS = ("running_mean", "running_var", "forward_window", "backward_window", "accum_sum")
+_COUNTERS = ("num_batches_tracked", "forward_steps", "backward_steps", "backward_calls", "accum_calls")
 
 
 def _config_property(name: str, doc: str) -> property:
-    def fget(self: _StreamNorm) -> Any:
+    def fget(self: StreamNorm) -> Any:
         return getattr(self.config, name)
 
-    def fset(self: _StreamNorm, value: Any) -> None:
+    def fset(self: StreamNorm, value: Any) -> None:
         if name == "window" and value != self.config.window:
             raise AttributeError("window fixes the shape of the window buffers; build a new layer to change it")
         self.config = dataclasses.replace(self.config, **{name: value})
+        if name == "accumulate":
+            self._register_accumulation()
 
     return property(fget, fset, doc=doc)
 
 
-class _StreamNorm(nn.Module):
-    """State and bookkeeping shared by every layer; the math lives in ``stream_norm``."""
+class StreamNorm(nn.Module):
+    r"""Base class of every normalization layer of this package: the state of one statistics stream.
 
-    _version = 1
+    A layer is a :class:`mabn.NormConfig` (which member of the family, with which hyper-parameters)
+    plus its buffers, and its forward is :func:`mabn.functional.stream_norm`. It exposes what
+    BatchNorm tooling reads: ``num_features``, ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats = True``, ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``; in evaluation mode it computes
+    :math:`y = \gamma (x - \text{running\_mean}) / \sqrt{\text{running\_var} + \epsilon} + \beta`,
+    with ``running_mean`` a constant zero (not saved in the state dict) in the uncentered form.
+    Hence ``torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layer)`` is exact for a plain
+    convolution; after a weight-centralized one (:class:`mabn.CenConv2d`) it would fold the raw
+    weight, so use :func:`mabn.fold` (or :func:`mabn.to_batchnorm` first) there.
+
+    Statistics buffers (running statistics, windows) are kept in float32 at least: a layer built with
+    ``dtype=torch.float16`` or converted by ``model.half()`` has half-precision parameters and float32
+    statistics, which finite half-precision activations cannot overflow.
+
+    Use the subclasses (:class:`MABN2d`, :class:`GhostBatchNorm2d`, :class:`BatchRenorm2d`,
+    :class:`GeneralBatchNorm2d`, ...); this class takes input of any dimensionality (N, C, \*).
+
+    Args:
+        num_features: number of channels C.
+        config: the member of the family and its hyper-parameters.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
+        process_group: a ``torch.distributed`` process group to sync the statistics over (see
+            :func:`mabn.functional.stream_norm`), or ``None``. Default: ``None``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters (statistics: float32 for half precision).
+
+    Example::
+
+        >>> import torch, mabn
+        >>> layer = mabn.StreamNorm(8, mabn.PRESETS["mabn"])
+        >>> isinstance(mabn.MABN2d(8), mabn.StreamNorm), layer.track_running_stats
+        (True, True)
+        >>> layer(torch.randn(4, 8, 3)).shape
+        torch.Size([4, 8, 3])
+    """
+
+    _version = 2
+    track_running_stats: ClassVar[bool] = True
     config: NormConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        if not cls.__name__.startswith("_") and "__init__" not in cls.__dict__ and init is not StreamNorm.__init__:
+            # A copy of the inherited constructor named after this class, so that an unknown
+            # keyword is reported as "MABN2d.__init__() got an unexpected keyword argument".
+            qualname = f"{cls.__qualname__}.__init__"
+            code = init.__code__
+            if hasattr(code, "co_qualname"):
+                code = code.replace(co_qualname=qualname)
+            named = types.FunctionType(code, init.__globals__, "__init__", init.__defaults__, init.__closure__)
+            named.__kwdefaults__ = init.__kwdefaults__
+            named.__qualname__, named.__doc__, named.__module__ = qualname, init.__doc__, cls.__module__
+            named.__annotations__ = init.__annotations__
+            cls.__init__ = named
 
     def __init__(
         self,
         num_features: int,
         config: NormConfig,
         affine: bool = True,
+        *,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -76,33 +132,40 @@ class _StreamNorm(nn.Module):
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         if not isinstance(affine, bool):
             raise TypeError(f"affine must be a bool, got {affine!r}")
+        if not isinstance(config, NormConfig):
+            raise TypeError(f"config must be a mabn.NormConfig, got {type(config).__name__}")
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.affine = affine
         self.config = config
+        self.process_group = process_group
+        self._sync_calls = 0
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        state = NormState.zeros(num_features, config, device=device, dtype=dtype)
         if config.centered:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        else:
-            self.register_buffer("running_mean", None)
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        long = {"device": device, "dtype": torch.long}
-        self.register_buffer("num_batches_tracked", torch.tensor(0, **long))
-        m = config.window
-        if config.forward_stats == "sma":
-            self.register_buffer("forward_window", torch.zeros(m, config.num_forward_stats, num_features, **factory))
-            self.register_buffer("forward_steps", torch.tensor(0, **long))
-        if config.backward_stats == "sma":
-            self.register_buffer("backward_window", torch.zeros(m, config.num_backward_stats, num_features, **factory))
-            self.register_buffer("backward_steps", torch.tensor(0, **long))
-            self.register_buffer("backward_calls", torch.tensor(0, **long))
+            self._buffers["running_mean"] = state.running_mean  # see the running_mean property
+        for name in NormState._fields[1:8]:  # accum_* are registered with the accumulation
+            value = getattr(state, name)
+            if value is not None:
+                self.register_buffer(name, value)
+        self._register_accumulation()
         self.reset_parameters()
+
+    @property
+    def running_mean(self) -> Tensor:
+        """The running mean (centered form); in the uncentered form a fresh zero tensor, not a buffer.
+
+        Tools written for BatchNorm read it (``fuse_conv_bn_eval``, exporters) and see the evaluation
+        map; writing into the zeros of an uncentered layer has no effect.
+        """
+        if self.config.centered:
+            return self._buffers["running_mean"]
+        return torch.zeros_like(self.running_var)
 
     eps = _config_property("eps", "Added to the variance (second moment) for numerical stability.")
     momentum = _config_property(
@@ -112,17 +175,27 @@ class _StreamNorm(nn.Module):
     window = _config_property("window", "Number of groups in the moving averages.")
     r_max = _config_property("r_max", "Clipping bound of the renormalization factor r.")
     d_max = _config_property("d_max", "Clipping bound of the renormalization shift d (centered form).")
-    warmup_iters = _config_property("warmup_iters", "Training calls on batch statistics before the SMAs.")
-    renorm_warmup_iters = _config_property("renorm_warmup_iters", "Training calls with r = 1 and d = 0.")
+    warmup_iters = _config_property("warmup_iters", "Training steps on batch statistics before the SMAs.")
+    renorm_warmup_iters = _config_property("renorm_warmup_iters", "Training steps with r = 1 and d = 0.")
+    accumulate = _config_property("accumulate", "Training calls per optimizer step (gradient accumulation).")
+
+    def _register_accumulation(self) -> None:
+        """(Un)register the step's pending sums: buffers of the current step only, not saved."""
+        if self.config.accumulate > 1:
+            k = self.config.num_forward_stats + 1
+            ref = self.running_var
+            self.register_buffer("accum_sum", ref.new_zeros(k, self.num_features), persistent=False)
+            self.register_buffer("accum_calls", torch.zeros((), dtype=torch.long, device=ref.device), persistent=False)
+        else:
+            self._buffers.pop("accum_sum", None)
+            self._buffers.pop("accum_calls", None)
 
     def reset_running_stats(self) -> None:
         """Reset the running statistics, the windows and the counters to their initial values."""
         with torch.no_grad():
-            if self.running_mean is not None:
-                self.running_mean.zero_()
+            self.running_mean.zero_()  # a fresh tensor in the uncentered form: no effect
             self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-            for name in ("forward_window", "forward_steps", "backward_window", "backward_steps", "backward_calls"):
+            for name in (*_COUNTERS, *_STAT_BUFFERS[2:]):
                 buffer = getattr(self, name, None)
                 if buffer is not None:
                     buffer.zero_()
@@ -137,28 +210,60 @@ class _StreamNorm(nn.Module):
     def state(self) -> NormState:
         """The buffers as the engine takes them (live references, updated in place)."""
         return NormState(
-            self.running_mean,
+            self.running_mean if self.config.centered else None,
             self.running_var,
             self.num_batches_tracked,
-            getattr(self, "forward_window", None),
-            getattr(self, "forward_steps", None),
-            getattr(self, "backward_window", None),
-            getattr(self, "backward_steps", None),
-            getattr(self, "backward_calls", None),
+            *(getattr(self, name, None) for name in NormState._fields[3:]),
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
+        """Subclasses check the dimensionality of their input; this class takes any (N, C, *)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
-        return stream_norm(input, self.weight, self.bias, self.state(), self.config, self.training)
+        check = None
+        if self.process_group is not None and self.training:
+            check = True if self._sync_calls == 0 else None  # every call on CPU, the first one elsewhere
+            self._sync_calls += 1
+        return stream_norm(
+            input,
+            self.weight,
+            self.bias,
+            self.state(),
+            self.config,
+            self.training,
+            process_group=self.process_group,
+            sync_check=check,
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StreamNorm:
+        # model.half() and .to(torch.bfloat16) cast the parameters; the statistics stay in float32.
+        before = {n: b for n, b in self._buffers.items() if n in _STAT_BUFFERS and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype in HALF:
+                self._buffers[name] = old.to(device=new.device, dtype=stat_dtype(new.dtype))
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StreamNorm:
+        # A process group is a handle to shared communication state: copies share it.
+        if self.process_group is not None:
+            memo.setdefault(id(self.process_group), self.process_group)
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def extra_repr(self) -> str:
         c = self.config
         parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={c.momentum}", f"affine={self.affine}"]
         parts.append(f"norm_batch_size={c.norm_batch_size}")
-        if not (c.centered and c.forward_stats == "batch" and c.backward_stats == "batch" and not c.renorm):
+        if c.structure != PRESETS["bn"].structure:
             parts.append(f"centered={c.centered}, forward_stats={c.forward_stats!r}, renorm={c.renorm}")
             parts.append(f"backward_stats={c.backward_stats!r}")
         if "sma" in (c.forward_stats, c.backward_stats):
@@ -166,6 +271,10 @@ class _StreamNorm(nn.Module):
         if c.renorm:
             parts.append(f"r_max={c.r_max}" + (f", d_max={c.d_max}" if c.centered else ""))
             parts.append(f"renorm_warmup_iters={c.renorm_warmup_iters}")
+        if c.accumulate > 1:
+            parts.append(f"accumulate={c.accumulate}")
+        if self.process_group is not None:
+            parts.append("synced")
         return ", ".join(parts)
 
     def _load_from_state_dict(
@@ -174,11 +283,79 @@ class _StreamNorm(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         # Checkpoints of torch's BatchNorm before its version 2 carry no num_batches_tracked.
-        if version is None and key not in state_dict:
+        if (version is None or version < 2) and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_var.device)
+        if version is not None and version < 2:
+            _migrate_v1(state_dict, prefix)
+        if strict and not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+            return  # refused: nothing is copied, the layer stays as it was
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Version 1 kept a half-precision layer's statistics in half precision, where one large batch
+    could store inf; version 2 keeps them in float32. Non-finite statistics of a version-1 state
+    dict are reset (the window emptied, the running variance set to 1), with a warning."""
+    reset = []
+    for name in ("running_var", "forward_window", "backward_window"):
+        value = state_dict.get(prefix + name)
+        if value is not None and not bool(torch.isfinite(value).all()):
+            reset.append(name)
+            if name == "running_var":
+                state_dict[prefix + name] = torch.where(torch.isfinite(value), value, torch.ones_like(value))
+            else:
+                state_dict[prefix + name] = torch.zeros_like(value)
+                steps = prefix + name.replace("window", "steps")
+                if steps in state_dict:
+                    state_dict[steps] = torch.zeros_like(state_dict[steps])
+    if reset:
+        warnings.warn(
+            f"{prefix or 'layer '}: the version-1 state dict holds non-finite statistics ({', '.join(reset)}), "
+            "which are reset",
+            stacklevel=4,
+        )
+
+
+def _check_keys(
+    module: StreamNorm, state_dict: dict[str, Any], prefix: str, missing: list, unexpected: list, errors: list
+) -> bool:
+    """Compare this layer's own keys and shapes with ``state_dict`` before anything is copied."""
+    expected = {name: t for name, t in module._parameters.items() if t is not None}
+    expected.update(
+        (n, t) for n, t in module._buffers.items() if t is not None and n not in module._non_persistent_buffers_set
+    )
+    present = {k[len(prefix) :] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix) :]}
+    lacking = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    shapes = [
+        f"{name}: {tuple(state_dict[prefix + name].shape)} instead of {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in present
+        and isinstance(state_dict[prefix + name], Tensor)
+        and state_dict[prefix + name].shape != t.shape
+    ]
+    if not (lacking or extra or shapes):
+        return True
+    missing.extend(prefix + k for k in lacking)
+    unexpected.extend(prefix + k for k in extra)
+    detail = "; ".join(
+        part
+        for part in (
+            f"missing {', '.join(lacking)}" if lacking else "",
+            f"unexpected {', '.join(extra)}" if extra else "",
+            f"size mismatch {', '.join(shapes)}" if shapes else "",
+        )
+        if part
+    )
+    hint = ""
+    if "running_mean" in extra or "running_mean" in lacking:
+        hint = " (a state dict of another kind of norm layer: convert the model with mabn.convert_model instead)"
+    errors.append(
+        f"{type(module).__name__} {prefix.rstrip('.') or ''} refused the state dict, nothing loaded: {detail}{hint}"
+    )
+    return False
 
 
 class _Dims1d:
@@ -199,23 +376,37 @@ class _Dims3d:
             raise ValueError(f"expected 5D input (N, C, D, H, W), got {input.dim()}D input")
 
 
-class _GeneralBatchNorm(_StreamNorm):
+_DIMS = {
+    1: (_Dims1d, "a 2D or 3D input", "(N, C) or (N, C, L)", "4, 8, 5"),
+    2: (_Dims2d, "a 4D input", "(N, C, H, W)", "4, 8, 5, 5"),
+    3: (_Dims3d, "a 5D input", "(N, C, D, H, W)", "4, 8, 3, 5, 5"),
+}
+
+_G = NormConfig()  # the defaults of every field
+
+
+class _GeneralBatchNorm(StreamNorm):
+    preset: ClassVar[str | None] = None
+
     def __init__(
         self,
         num_features: int,
-        centered: bool = False,
-        forward_stats: str = "sma",
-        renorm: bool = True,
-        backward_stats: str = "sma",
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
+        eps: float = _G.eps,
+        momentum: float | None = _G.momentum,
         affine: bool = True,
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        d_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
+        *,
+        centered: bool = _G.centered,
+        forward_stats: str = _G.forward_stats,
+        renorm: bool = _G.renorm,
+        backward_stats: str = _G.backward_stats,
+        norm_batch_size: int | None = _G.norm_batch_size,
+        window: int = _G.window,
+        r_max: float = _G.r_max,
+        d_max: float = _G.d_max,
+        warmup_iters: int = _G.warmup_iters,
+        renorm_warmup_iters: int = _G.renorm_warmup_iters,
+        accumulate: int = _G.accumulate,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -232,15 +423,16 @@ class _GeneralBatchNorm(_StreamNorm):
             d_max=d_max,
             warmup_iters=warmup_iters,
             renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
         )
-        super().__init__(num_features, config, affine, device, dtype)
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
     @classmethod
     def from_preset(cls, preset: str, num_features: int, **kwargs: Any) -> _GeneralBatchNorm:
         """Build the layer of a named preset (see ``mabn.PRESETS``); ``kwargs`` override its values."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return cls(num_features, **{**PRESETS[preset], **kwargs})
+        return cls(num_features, **{**dataclasses.asdict(PRESETS[preset]), **kwargs})
 
 
 _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
@@ -262,14 +454,24 @@ _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
 
     Args:
         num_features: number of channels C.
+        eps: added to the variance (second moment). Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.02``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
         centered: subtract the mean (True) or not (False). Default: ``False``.
         forward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
         renorm: renormalize towards the running statistics. Default: ``True``.
         backward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
-        eps: Default: ``1e-5``. momentum: Default: ``0.02`` (``None``: cumulative average).
-        affine: Default: ``True``.
         norm_batch_size: samples per normalization group; ``None`` is the whole batch.
-        window, r_max, d_max, warmup_iters, renorm_warmup_iters: as in :class:`mabn.NormConfig`.
+        window: groups in the moving averages. Default: ``16``.
+        r_max: clipping bound of r. Default: ``5.0``.
+        d_max: clipping bound of d (centered form). Default: ``5.0``.
+        warmup_iters: training steps on batch statistics before the SMAs. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters (statistics: float32 at least).
 
     Shape:
         - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
@@ -283,50 +485,41 @@ _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
         torch.Size([{example}])
 """
 
-
-class GeneralBatchNorm1d(_Dims1d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(
-        dims="2D or 3D input", shape="(N, C) or (N, C, L)", name="GeneralBatchNorm1d", example="4, 8, 5"
-    )
+_P = PRESETS["mabn"]
 
 
-class GeneralBatchNorm2d(_Dims2d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(
-        dims="4D input", shape="(N, C, H, W)", name="GeneralBatchNorm2d", example="4, 8, 5, 5"
-    )
+class _MABN(StreamNorm):
+    preset: ClassVar[str] = "mabn"
 
-
-class GeneralBatchNorm3d(_Dims3d, _GeneralBatchNorm):
-    __doc__ = _GENERAL_DOC.format(
-        dims="5D input", shape="(N, C, D, H, W)", name="GeneralBatchNorm3d", example="4, 8, 3, 5, 5"
-    )
-
-
-class _MABN(_StreamNorm):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
+        eps: float = _P.eps,
+        momentum: float | None = _P.momentum,
         affine: bool = True,
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
+        *,
+        norm_batch_size: int | None = _P.norm_batch_size,
+        window: int = _P.window,
+        r_max: float = _P.r_max,
+        warmup_iters: int = _P.warmup_iters,
+        renorm_warmup_iters: int = _P.renorm_warmup_iters,
+        accumulate: int = _P.accumulate,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        config = NormConfig(
-            **{**PRESETS["mabn"], "momentum": momentum},
+        config = dataclasses.replace(
+            PRESETS[self.preset],
             eps=eps,
+            momentum=momentum,
             norm_batch_size=norm_batch_size,
             window=window,
             r_max=r_max,
             warmup_iters=warmup_iters,
             renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
         )
-        super().__init__(num_features, config, affine, device, dtype)
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
 
 _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR 2020).
@@ -348,22 +541,24 @@ _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR
         \Psi_t = E[h z], \quad P_t = \mathrm{{SMA}}_m(\Psi)_t, \quad
         \frac{{\partial L}}{{\partial x}} = \frac{{h - z P_t}}{{\sqrt{{S_t + \epsilon}}}}
 
-    The running second moment is updated once per call,
+    The running second moment is updated once per step,
     :math:`R \leftarrow (1 - \text{{momentum}}) R + \text{{momentum}} \cdot \text{{mean}}_t S_t`, and in
     evaluation mode the layer is the per-channel affine :math:`y = \gamma x / \sqrt{{R + \epsilon}} + \beta`,
-    which folds into the preceding convolution. While the 1-based count of training calls is below
+    which folds into the preceding convolution. While the 1-based count of training steps is below
     ``warmup_iters`` both passes use the group's own statistics (still pushed into the windows);
     while it is at most ``renorm_warmup_iters``, :math:`r = 1`. The backward window advances in the
-    backward pass and counts backward calls itself, so a training forward that is never
-    backpropagated (for example under ``torch.no_grad()``) leaves it alone. A training call whose
-    statistics are not finite leaves every buffer untouched. Statistics of float16/bfloat16 input
-    are computed in float32. Pair it with weight-centralized convolutions (:class:`mabn.CenConv2d`).
+    backward pass and counts backward passes itself, so a training forward that is never
+    backpropagated (for example under ``torch.no_grad()``) leaves it alone.
 
-    Every training forward is a step of the stream: with gradient accumulation over k calls the
-    warm-ups count k calls per optimizer step, and activation checkpointing (which runs the forward
-    twice) advances the stream twice, unlike the statistics the backward saw. The backward window
-    holds :math:`\Psi` of the gradients as they arrive, so with a loss scaler whose scale changes
-    the window mixes scales until it has refilled.
+    Robustness (each statement is a test): a training call whose statistics are not finite (inf or
+    NaN input, or E[x^2] beyond the float32 range) outputs NaN and leaves every buffer untouched;
+    the backward window skips non-finite gradients; statistics are kept in float32 for
+    float16/bfloat16 parameters (``model.half()`` included), and training and evaluation take
+    float16, bfloat16, float32 and float64 input alike. A second backward pass through the same
+    graph (``retain_graph=True``) advances nothing and yields, summed with the first, the gradients
+    and window of one backward pass of the summed losses. Under :func:`mabn.checkpoint` a recomputed
+    forward reuses the original statistics; without it the stream advances twice. With a loss
+    scaler whose scale changes, the backward window mixes scales until it has refilled.
 
     Args:
         num_features: number of channels C.
@@ -374,9 +569,16 @@ _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR
         norm_batch_size: samples per normalization group B; ``None`` is the whole batch. 1 is legal.
         window: number m of groups in the moving averages. Default: ``16``.
         r_max: clipping bound lambda of r. Default: ``5.0``.
-        warmup_iters: training calls on batch statistics before the SMAs. Default: ``100``.
-        renorm_warmup_iters: training calls with r = 1. Default: ``1000``.
-        device, dtype: factory arguments of the parameters and buffers.
+        warmup_iters: training steps on batch statistics before the SMAs. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation): the calls of a step
+            are consecutive steps of the statistics stream, as one call on their concatenated batch
+            would be. Default: ``1``.
+        process_group: a ``torch.distributed`` process group: each normalization group's statistics
+            are those of the union of the matching groups on every rank (forward and backward).
+            Default: ``None`` (this process's statistics).
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters (statistics: float32 at least).
 
     Shape:
         - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
@@ -390,50 +592,51 @@ _MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR
         torch.Size([{example}])
 """
 
-
-class MABN1d(_Dims1d, _MABN):
-    __doc__ = _MABN_DOC.format(dims="a 2D or 3D input", shape="(N, C) or (N, C, L)", name="MABN1d", example="4, 8, 5")
+_B = PRESETS["bn"]
 
 
-class MABN2d(_Dims2d, _MABN):
-    __doc__ = _MABN_DOC.format(dims="a 4D input", shape="(N, C, H, W)", name="MABN2d", example="4, 8, 5, 5")
+class _GhostBatchNorm(StreamNorm):
+    preset: ClassVar[str] = "bn"
 
-
-class MABN3d(_Dims3d, _MABN):
-    __doc__ = _MABN_DOC.format(dims="a 5D input", shape="(N, C, D, H, W)", name="MABN3d", example="4, 8, 3, 5, 5")
-
-
-class _GhostBatchNorm(_StreamNorm):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        eps: float = _B.eps,
+        momentum: float | None = _B.momentum,
         affine: bool = True,
-        norm_batch_size: int | None = None,
+        *,
+        norm_batch_size: int | None = _B.norm_batch_size,
+        accumulate: int = _B.accumulate,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        config = NormConfig(**{**PRESETS["bn"], "momentum": momentum}, eps=eps, norm_batch_size=norm_batch_size)
-        super().__init__(num_features, config, affine, device, dtype)
+        config = dataclasses.replace(
+            PRESETS[self.preset], eps=eps, momentum=momentum, norm_batch_size=norm_batch_size, accumulate=accumulate
+        )
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
 
 _GHOST_DOC = r"""Ghost Batch Normalization over {dims}: BatchNorm with statistics of B-sample groups.
 
     Each group of ``norm_batch_size`` consecutive samples is normalized with its own mean and
     variance, :math:`y = \gamma (x - \mu_t) / \sqrt{{\sigma^2_t + \epsilon}} + \beta`, with BatchNorm's
-    gradient inside each group. The running statistics are updated once per call with the mean over
+    gradient inside each group. The running statistics are updated once per step with the mean over
     the groups (unbiased variance). With ``norm_batch_size=None`` (or B = N) this is exactly
-    :class:`torch.nn.{torch_name}`, state dict included.
+    :class:`torch.nn.{torch_name}`, state dict included; with a ``process_group`` it is
+    :class:`torch.nn.SyncBatchNorm`, on every backend (gloo on CPU as well as NCCL).
 
     Args:
         num_features: number of channels C.
-        eps: Default: ``1e-5``.
+        eps: added to the variance. Default: ``1e-5``.
         momentum: weight of the new value in the running statistics; ``None`` for the cumulative
             average, as in torch's BatchNorm. Default: ``0.1``.
         affine: learnable ``weight`` and ``bias``. Default: ``True``.
         norm_batch_size: samples per group B; ``None`` is the whole batch.
-        device, dtype: factory arguments.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters (statistics: float32 at least).
 
     Shape:
         - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
@@ -447,55 +650,39 @@ _GHOST_DOC = r"""Ghost Batch Normalization over {dims}: BatchNorm with statistic
         torch.Size([{example}])
 """
 
-
-class GhostBatchNorm1d(_Dims1d, _GhostBatchNorm):
-    __doc__ = _GHOST_DOC.format(
-        dims="a 2D or 3D input",
-        shape="(N, C) or (N, C, L)",
-        name="GhostBatchNorm1d",
-        torch_name="BatchNorm1d",
-        example="4, 8, 5",
-    )
+_R = PRESETS["brn"]
 
 
-class GhostBatchNorm2d(_Dims2d, _GhostBatchNorm):
-    __doc__ = _GHOST_DOC.format(
-        dims="a 4D input", shape="(N, C, H, W)", name="GhostBatchNorm2d", torch_name="BatchNorm2d", example="4, 8, 5, 5"
-    )
+class _BatchRenorm(StreamNorm):
+    preset: ClassVar[str] = "brn"
 
-
-class GhostBatchNorm3d(_Dims3d, _GhostBatchNorm):
-    __doc__ = _GHOST_DOC.format(
-        dims="a 5D input",
-        shape="(N, C, D, H, W)",
-        name="GhostBatchNorm3d",
-        torch_name="BatchNorm3d",
-        example="4, 8, 3, 5, 5",
-    )
-
-
-class _BatchRenorm(_StreamNorm):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        eps: float = _R.eps,
+        momentum: float | None = _R.momentum,
         affine: bool = True,
-        norm_batch_size: int | None = None,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        renorm_warmup_iters: int = 1000,
+        *,
+        norm_batch_size: int | None = _R.norm_batch_size,
+        r_max: float = _R.r_max,
+        d_max: float = _R.d_max,
+        renorm_warmup_iters: int = _R.renorm_warmup_iters,
+        accumulate: int = _R.accumulate,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        config = NormConfig(
-            **{**PRESETS["brn"], "momentum": momentum, "r_max": r_max},
+        config = dataclasses.replace(
+            PRESETS[self.preset],
             eps=eps,
+            momentum=momentum,
             norm_batch_size=norm_batch_size,
+            r_max=r_max,
             d_max=d_max,
             renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
         )
-        super().__init__(num_features, config, affine, device, dtype)
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
 
 _BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional ghost groups.
@@ -506,17 +693,23 @@ _BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional gh
         y = \gamma \left(r \frac{{x - \mu_t}}{{\sigma_t}} + d\right) + \beta
 
     where :math:`\mu_t, \sigma_t = \sqrt{{\sigma_t^2 + \epsilon}}` are the group's statistics and
-    :math:`\mu, \sigma` the running ones before this call's update; no gradient flows through r and
-    d. While the 1-based call count is at most ``renorm_warmup_iters``, r = 1 and d = 0 (BatchNorm).
+    :math:`\mu, \sigma` the running ones before this step's update; no gradient flows through r and
+    d. While the 1-based step count is at most ``renorm_warmup_iters``, r = 1 and d = 0 (BatchNorm).
 
     Args:
         num_features: number of channels C.
-        eps: Default: ``1e-5``. momentum: Default: ``0.1`` (``None``: cumulative average).
-        affine: Default: ``True``.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
         norm_batch_size: samples per group B; ``None`` is the whole batch.
-        r_max: Default: ``3.0``. d_max: Default: ``5.0``.
-        renorm_warmup_iters: Default: ``1000``.
-        device, dtype: factory arguments.
+        r_max: clipping bound of r. Default: ``3.0``.
+        d_max: clipping bound of d. Default: ``5.0``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters (statistics: float32 at least).
 
     Shape:
         - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
@@ -531,15 +724,33 @@ _BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional gh
 """
 
 
-class BatchRenorm1d(_Dims1d, _BatchRenorm):
-    __doc__ = _BRN_DOC.format(
-        dims="a 2D or 3D input", shape="(N, C) or (N, C, L)", name="BatchRenorm1d", example="4, 8, 5"
-    )
+def _family(base: type[StreamNorm], name: str, doc: str, **fmt: str) -> tuple[type[StreamNorm], ...]:
+    """The 1-D, 2-D and 3-D public classes of ``base``, each documented from ``doc``."""
+    classes = []
+    for d, (dims_mixin, dims, shape, example) in _DIMS.items():
+        torch_name = f"BatchNorm{d}d"
+        cls = type(f"{name}{d}d", (dims_mixin, base), {"__module__": __name__, "__qualname__": f"{name}{d}d"})
+        cls.__doc__ = doc.format(
+            dims=dims, shape=shape, name=cls.__name__, example=example, torch_name=torch_name, **fmt
+        )
+        classes.append(cls)
+    return tuple(classes)
 
 
-class BatchRenorm2d(_Dims2d, _BatchRenorm):
-    __doc__ = _BRN_DOC.format(dims="a 4D input", shape="(N, C, H, W)", name="BatchRenorm2d", example="4, 8, 5, 5")
+MABN1d, MABN2d, MABN3d = _family(_MABN, "MABN", _MABN_DOC)
+GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d = _family(_GhostBatchNorm, "GhostBatchNorm", _GHOST_DOC)
+BatchRenorm1d, BatchRenorm2d, BatchRenorm3d = _family(_BatchRenorm, "BatchRenorm", _BRN_DOC)
+GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d = _family(
+    _GeneralBatchNorm, "GeneralBatchNorm", _GENERAL_DOC
+)
 
-
-class BatchRenorm3d(_Dims3d, _BatchRenorm):
-    __doc__ = _BRN_DOC.format(dims="a 5D input", shape="(N, C, D, H, W)", name="BatchRenorm3d", example="4, 8, 3, 5, 5")
+#: Families of 1-D/2-D/3-D layer classes by name: this package's and torch's (for the factory,
+#: the converter and :func:`mabn.factory.same_family`).
+FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    "mabn": (MABN1d, MABN2d, MABN3d),
+    "ghost_bn": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
+    "brn": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
+    "general": (GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d),
+    "torch_bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "torch_in": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+}

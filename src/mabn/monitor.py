@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import _sliding_mean
-from .modules import _StreamNorm
+from .modules import StreamNorm
 
 __all__ = ["BatchStatsMonitor", "STATISTICS", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
 
@@ -64,7 +64,7 @@ _BOOL_COLUMNS = {"sma_used"}
 
 
 def _is_supported(module: nn.Module) -> bool:
-    return isinstance(module, (_StreamNorm, _BatchNorm))
+    return isinstance(module, (StreamNorm, _BatchNorm))
 
 
 def _reduce_dims(ndim: int, grouped: bool) -> list[int]:
@@ -326,7 +326,7 @@ class BatchStatsMonitor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         x = x.to(dtype)
         n = x.shape[0]
-        if isinstance(module, _StreamNorm):
+        if isinstance(module, StreamNorm):
             b = module.config.norm_batch_size or n
             centered = module.config.centered
         else:
@@ -355,7 +355,7 @@ class BatchStatsMonitor:
         form = "centered" if centered else "uncentered"
         # The probed group: the first, whose moving average reaches furthest back, unless the windows
         # are shorter than the call and only the average at the last group can be read from them.
-        m = getattr(module.config, "window", groups) if isinstance(module, _StreamNorm) else groups
+        m = getattr(module.config, "window", groups) if isinstance(module, StreamNorm) else groups
         has_window = window is not None or getattr(module, "backward_window", None) is not None
         probe = groups - 1 if has_window and groups > m else 0
         common = {"layer": name, "step": self._steps[name], "form": form, "groups": groups, "group_size": b}

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .monitor import log_format, read_stats_log, write_stats_csv, write_stats_jsonl
+from ..monitor import log_format, read_stats_log, write_stats_csv, write_stats_jsonl
 
 __all__ = [
     "RUNS",

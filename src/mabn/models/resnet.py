@@ -14,15 +14,14 @@ uses weight-centralized convolutions and classifier (:class:`mabn.CenConv2d`, :c
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .conv import CenConv2d, CenLinear
-from .factory import NormSpec, create_norm_layer
+from ..conv import CenConv2d, CenLinear, check_conv
+from ..factory import NormSpec, create_norm_layer
 
 __all__ = [
     "BasicBlock",
@@ -32,21 +31,15 @@ __all__ = [
     "resnet34",
     "resnet50",
     "resnet_small",
-    "build_model",
-    "ARCHS",
 ]
 
 ConvSpec = str | type[nn.Module] | Callable[..., nn.Module] | None
 
 
 def _resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """(conv class, linear class) for ``conv_layer``: None, "centralized"/"cen"/"wc", or a conv class."""
-    if conv_layer is None or conv_layer == "plain":
-        return nn.Conv2d, nn.Linear
-    if isinstance(conv_layer, str):
-        if conv_layer.lower() in ("centralized", "cen", "wc"):
-            return CenConv2d, CenLinear
-        raise ValueError(f"unknown conv_layer {conv_layer!r}; expected None, 'centralized' or a Conv2d class")
+    """(conv class, linear class) for ``conv_layer``: None/"none", "centralized", or a conv class."""
+    if conv_layer is None or isinstance(conv_layer, str):
+        return (CenConv2d, CenLinear) if check_conv(conv_layer) else (nn.Conv2d, nn.Linear)
     if callable(conv_layer):
         return conv_layer, nn.Linear
     raise TypeError(f"conv_layer must be None, 'centralized' or a class, got {conv_layer!r}")
@@ -370,65 +363,3 @@ def resnet_small(
         BasicBlock, [depth] * 3, [width, 2 * width, 4 * width], num_classes, in_channels, "small",
         norm_layer, norm_kwargs, conv_layer, zero_init_residual,
     )  # fmt: skip
-
-
-#: arch name -> builder.
-ARCHS: dict[str, Callable[..., ResNet]] = {
-    "resnet_small": resnet_small,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-}
-
-_CONFIG_KEYS = ("arch", "num_classes", "in_channels", "norm", "norm_kwargs", "conv")
-
-
-def build_model(model_config: dict[str, Any]) -> ResNet:
-    """Build a model from its configuration, as stored in training checkpoints.
-
-    Args:
-        model_config: ``{"arch": "resnet_small"|"resnet18"|"resnet34"|"resnet50", "num_classes": int,
-            "in_channels": int, "norm": name, "norm_kwargs": dict, "conv": None|"centralized"}`` plus
-            the arch's own options (``depth``, ``width`` for ``resnet_small``; ``zero_init_residual``).
-            Only ``arch`` is required; the others default to the builder's defaults.
-
-    Returns:
-        The model (training mode, freshly initialized: load a state dict into it).
-
-    Raises:
-        ValueError: unknown arch or an option the arch does not take (named in the message).
-        TypeError: ``model_config`` or ``norm_kwargs`` is not a dict.
-
-    Example::
-
-        >>> import mabn
-        >>> cfg = {"arch": "resnet_small", "num_classes": 10, "in_channels": 1, "norm": "mabn",
-        ...        "norm_kwargs": {"norm_batch_size": 2}, "conv": "centralized", "depth": 1, "width": 16}
-        >>> type(mabn.models.build_model(cfg).bn1).__name__
-        'MABN2d'
-    """
-    if not isinstance(model_config, dict):
-        raise TypeError(f"model_config must be a dict, got {type(model_config).__name__}")
-    arch = model_config.get("arch")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r} in model_config; known: {', '.join(ARCHS)}")
-    builder = ARCHS[arch]
-    norm_kwargs = model_config.get("norm_kwargs") or {}
-    if not isinstance(norm_kwargs, dict):
-        raise TypeError(f"model_config['norm_kwargs'] must be a dict, got {norm_kwargs!r}")
-    params = inspect.signature(builder).parameters
-    extra = {k: v for k, v in model_config.items() if k not in _CONFIG_KEYS}
-    unknown = [k for k in extra if k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD]
-    unknown += [k for k in ("norm_layer", "conv_layer") if k in extra]
-    if unknown:
-        raise ValueError(
-            f"model_config has options that arch {arch!r} does not take: {', '.join(sorted(set(unknown)))}"
-        )
-    kwargs: dict[str, Any] = {k: model_config[k] for k in ("num_classes", "in_channels") if k in model_config}
-    return builder(
-        **kwargs,
-        norm_layer=model_config.get("norm", "bn"),
-        conv_layer=model_config.get("conv"),
-        **extra,
-        **norm_kwargs,
-    )

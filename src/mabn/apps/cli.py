@@ -6,14 +6,16 @@ import argparse
 import importlib
 import sys
 
+from . import enable_huge_pages
+
 #: sub-command -> module providing ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
-    "demo": "mabn.demo",
-    "train": "mabn.train",
-    "reproduce": "mabn.reproduce",
-    "export": "mabn.export",
-    "stats": "mabn.stats",
-    "bench": "mabn.bench",
+    "demo": "mabn.apps.demo",
+    "train": "mabn.apps.train",
+    "reproduce": "mabn.apps.reproduce",
+    "export": "mabn.apps.export",
+    "stats": "mabn.apps.stats",
+    "bench": "mabn.apps.bench",
 }
 
 
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

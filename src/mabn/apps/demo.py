@@ -8,9 +8,9 @@ import time
 import torch
 from torch import nn
 
-from .conv import CenConv2d, CenLinear
+from ..conv import CenConv2d, CenLinear
+from ..modules import MABN2d
 from .data import load_fashion_mnist
-from .modules import MABN2d
 
 
 def small_net(norm_batch_size: int) -> nn.Sequential:

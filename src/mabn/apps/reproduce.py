@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import train as trainer
+from .files import atomic_write
 
 __all__ = ["GRIDS", "PROTOCOL", "GridRun", "grid_runs", "run_grid", "summarize"]
 
@@ -375,8 +376,8 @@ def write_summary(
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
     paths = [results_dir / f"{grid}.csv", results_dir / f"{grid}.md"]
-    trainer.atomic_write(paths[0], lambda f: f.write(buffer.getvalue().encode()))
-    trainer.atomic_write(paths[1], lambda f: f.write(markdown(grid, rows, base, command).encode()))
+    atomic_write(paths[0], lambda f: f.write(buffer.getvalue().encode()))
+    atomic_write(paths[1], lambda f: f.write(markdown(grid, rows, base, command).encode()))
     if grid == "batch-sweep":
         paths.append(plot_sweep(rows, results_dir / f"{grid}.png", base))
     return paths

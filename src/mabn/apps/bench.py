@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .conv import CenConv2d
-from .modules import BatchRenorm2d, GhostBatchNorm2d, MABN2d
+from ..conv import CenConv2d
+from ..modules import BatchRenorm2d, GhostBatchNorm2d, MABN2d
 
 LAYER_SHAPES = [
     (32, 64, 56, 56),
@@ -26,87 +26,6 @@ LAYER_SHAPES = [
     (32, 2048, 7, 7),
     (2, 256, 200, 200),
 ]
-
-
-class _NaiveMABNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_var, x2_window, psi_window, iters, layer):
-        b = layer.norm_batch_size or x.shape[0]
-        outs, zs, vars_, rs = [], [], [], []
-        for start in range(0, x.shape[0], b):
-            xg = x[start : start + b]
-            x2 = (xg * xg).mean(dim=(0, 2, 3))
-            x2_window[layer.steps % layer.window].copy_(x2)
-            layer.steps += 1
-            var = x2_window[: min(layer.steps, layer.window)].mean(0) if iters >= layer.warmup_iters else x2
-            z = xg / (var[None, :, None, None] + layer.eps).sqrt()
-            r = ((var + layer.eps).sqrt() / (running_var + layer.eps).sqrt()).clamp(1 / layer.r_max, layer.r_max)
-            if iters <= layer.renorm_warmup_iters:
-                r = torch.ones_like(r)
-            outs.append(weight[None, :, None, None] * r[None, :, None, None] * z + bias[None, :, None, None])
-            zs.append(z)
-            vars_.append(var)
-            rs.append(r)
-        running_var.mul_(1 - layer.momentum).add_(layer.momentum * torch.stack(vars_).mean(0))
-        ctx.save_for_backward(torch.cat(zs), weight, torch.stack(vars_), torch.stack(rs), psi_window)
-        ctx.layer, ctx.iters = layer, iters
-        return torch.cat(outs)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        z_all, weight, vars_, rs, psi_window = ctx.saved_tensors
-        layer, iters = ctx.layer, ctx.iters
-        groups = vars_.shape[0]
-        b = grad_output.shape[0] // groups
-        grads, dweight, dbias = [], 0, 0
-        for i in range(groups):
-            dy = grad_output[i * b : (i + 1) * b]
-            z = z_all[i * b : (i + 1) * b]
-            r = rs[i][None, :, None, None]
-            g = dy * weight[None, :, None, None] * r
-            psi = (g * z).mean(dim=(0, 2, 3))
-            psi_window[layer.backward_steps % layer.window].copy_(psi)
-            layer.backward_steps += 1
-            if iters >= layer.warmup_iters:
-                psi = psi_window[: min(layer.backward_steps, layer.window)].mean(0)
-            grads.append((g - z * psi[None, :, None, None]) / (vars_[i][None, :, None, None] + layer.eps).sqrt())
-            dweight = dweight + (dy * r * z).sum(dim=(0, 2, 3))
-            dbias = dbias + dy.sum(dim=(0, 2, 3))
-        return torch.cat(grads), dweight, dbias, None, None, None, None, None
-
-
-class NaiveMABN2d(nn.Module):
-    """MABN written with plain tensor ops, saving z and reading its counter with ``.item()`` each call.
-
-    The yardstick for the engine's speed: the straightforward way to write the method.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-    ) -> None:
-        super().__init__()
-        self.eps, self.momentum, self.r_max = 1e-5, 0.02, 5.0
-        self.norm_batch_size, self.window = norm_batch_size, window
-        self.warmup_iters, self.renorm_warmup_iters = warmup_iters, renorm_warmup_iters
-        self.steps = self.backward_steps = 0
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("x2_window", torch.zeros(window, num_features))
-        self.register_buffer("psi_window", torch.zeros(window, num_features))
-        self.register_buffer("iters", torch.tensor(0))
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.iters += 1
-        iters = int(self.iters.item())  # the host synchronization of the straightforward version
-        return _NaiveMABNFunction.apply(
-            x, self.weight, self.bias, self.running_var, self.x2_window, self.psi_window, iters, self
-        )
 
 
 def _median_times(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -131,6 +50,10 @@ def _past_warmup(layer: nn.Module, x: Tensor) -> nn.Module:
     return layer
 
 
+#: More layers to compare, ``name -> build(num_features)`` (``benchmarks/layers.py`` adds the naive MABN).
+EXTRA_LAYERS: dict[str, Callable[[int], nn.Module]] = {}
+
+
 def layer_variants(shape: tuple[int, ...], memory_format: torch.memory_format) -> dict[str, Callable[[], object]]:
     """fwd+bwd closures of every layer under test at ``shape`` (past warm-up, renorm active)."""
     c = shape[1]
@@ -144,8 +67,9 @@ def layer_variants(shape: tuple[int, ...], memory_format: torch.memory_format) -
         f"MABN2d B={b2}": MABN2d(c, window=16, norm_batch_size=b2, **small),
         f"GhostBN2d B={b2}": GhostBatchNorm2d(c, norm_batch_size=b2),
         "BatchRenorm2d": BatchRenorm2d(c, renorm_warmup_iters=1),
-        "naive MABN B=N": NaiveMABN2d(c, window=16, **small),
     }
+    for name, build in EXTRA_LAYERS.items():
+        layers[name] = build(c)
     for layer in layers.values():
         _past_warmup(layer, x)
 
@@ -175,7 +99,8 @@ def bench_layers(shapes: list[tuple[int, ...]], repeats: int, channels_last: boo
             for name, t in medians.items():
                 if name != "BatchNorm2d":
                     row[name] = t / bn
-            row["naive / MABN2d"] = medians["naive MABN B=N"] / mabn_time
+            if "naive MABN B=N" in medians:
+                row["naive / MABN2d"] = medians["naive MABN B=N"] / mabn_time
             rows.append(row)
             print(_format_row(row), flush=True)
             del variants
@@ -214,7 +139,7 @@ def bench_memory(shape: tuple[int, ...] = (32, 256, 56, 56)) -> list[dict]:
         "MABN2d B=2": MABN2d(c, norm_batch_size=2, **small),
         "GhostBN2d B=2": GhostBatchNorm2d(c, norm_batch_size=2),
         "BatchRenorm2d": BatchRenorm2d(c, renorm_warmup_iters=1),
-        "naive MABN B=N": NaiveMABN2d(c, **small),
+        **{name: build(c) for name, build in EXTRA_LAYERS.items()},
     }
     rows = []
     bn = None
@@ -229,7 +154,7 @@ def bench_memory(shape: tuple[int, ...] = (32, 256, 56, 56)) -> list[dict]:
 
 def bench_model_memory(batch: int = 16, image_size: int = 112) -> list[dict]:
     """Activation memory of a ResNet-50 training step: bytes saved for backward by its forward."""
-    from .models import resnet50
+    from ..models import resnet50
 
     x = torch.randn(batch, 3, image_size, image_size)
     configs = {
@@ -254,7 +179,7 @@ def bench_model_memory(batch: int = 16, image_size: int = 112) -> list[dict]:
 
 def bench_model(batch: int, image_size: int, repeats: int, compile: bool) -> list[dict]:
     """ResNet-50 training step: BN at B=batch vs MABN at B=2 (with and without weight centralization)."""
-    from .models import resnet50
+    from ..models import resnet50
 
     configs = {
         f"BN (B={batch})": dict(norm_layer="bn"),
@@ -364,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
             shapes = [LAYER_SHAPES[0], LAYER_SHAPES[4]] if args.quick else LAYER_SHAPES
             if args.shapes is not None:
                 shapes = _parse_shapes(args.shapes)
-            print("forward+backward time relative to torch.nn.BatchNorm2d (naive / MABN2d: the speed-up)")
+            print(
+                "forward+backward time relative to torch.nn.BatchNorm2d (naive / MABN2d, with benchmarks/layers.py: the speed-up)"
+            )
             bench_layers(shapes, args.repeats, channels_last=not args.quick)
         elif what == "memory":
             bench_memory()

@@ -1,0 +1,226 @@
+"""The passes over activations, and the one place that picks the kernel for each of them.
+
+Every job has a *generic* path whose number of operations does not depend on the number of
+normalization groups G (what a GPU wants: one kernel launch per job, whatever G), and some jobs have
+*CPU-specific* paths that are faster on this layout on a CPU (per-sample passes along the contiguous
+spatial axis, one native call per group or per chunk of samples). :func:`choose` is the dispatch;
+:func:`use_paths` switches the CPU-specific paths off or forces a path, for tests and benchmarks.
+
+Jobs and paths:
+
+* ``moments`` (per-group mean and biased variance, centered form): ``native`` (one group, PyTorch's
+  statistics kernel), ``per_sample`` (CPU: exact two-pass moments of each sample, combined),
+  ``native_loop`` (CPU: the native kernel per group), ``grouped`` (one ``var_mean`` on a group view);
+* ``second_moment`` (per-group E[x^2], uncentered form): ``spatial`` (contiguous input: norms along
+  the spatial axis, summed over each group's samples), ``native`` (one group, other layouts: the
+  native kernel's ``var + mean^2``), ``native_loop`` (CPU, other layouts), ``grouped`` (one norm
+  over a group view);
+* ``normalize`` (the elementwise output): ``native`` (one group, the native inference kernel) or
+  ``grouped`` (one ``addcmul`` on a group view);
+* ``grad_sums`` (per-group sums of dL/dy and dL/dy * x_hat): ``native`` (one group, the native
+  backward reduction), ``chunked`` (CPU: the native reduction over chunks of samples),
+  ``native_loop`` (CPU: one native call per group), ``grouped`` (two sums on a group view).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["PATHS", "CPU_PATHS", "HALF", "choose", "use_paths", "stat_dtype"]
+
+PATHS: dict[str, tuple[str, ...]] = {
+    "moments": ("native", "per_sample", "native_loop", "grouped"),
+    "second_moment": ("spatial", "native", "native_loop", "grouped"),
+    "normalize": ("native", "grouped"),
+    "grad_sums": ("native", "chunked", "native_loop", "grouped"),
+}
+#: Paths taken only on CPU tensors, for speed; switched off by ``use_paths(cpu_specific=False)``.
+CPU_PATHS = frozenset({"per_sample", "native_loop", "chunked"})
+
+HALF = (torch.float16, torch.bfloat16)
+
+#: Per-sample size from which contiguous CPU input is reduced sample by sample (statistics, gradients).
+PER_SAMPLE_MIN_NUMEL = 1 << 14
+
+_settings: dict[str, object] = {"cpu_specific": True, "forced": {}}
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and kept in: float32 for half precision, else ``dtype``."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+@contextlib.contextmanager
+def use_paths(cpu_specific: bool | None = None, **forced: str) -> Iterator[None]:
+    """Switch the CPU-specific paths on or off and force paths by job, inside the ``with`` block.
+
+    Example::
+
+        >>> import torch, mabn
+        >>> from mabn._kernels import use_paths
+        >>> with use_paths(cpu_specific=False, grad_sums="grouped"):
+        ...     y = mabn.MABN2d(4, norm_batch_size=2)(torch.randn(4, 4, 3, 3))
+    """
+    for job, path in forced.items():
+        if job not in PATHS or path not in PATHS[job]:
+            raise ValueError(f"unknown kernel path {job}={path!r}; known: {PATHS}")
+    saved = dict(_settings)
+    if cpu_specific is not None:
+        _settings["cpu_specific"] = bool(cpu_specific)
+    _settings["forced"] = {**saved["forced"], **forced}  # type: ignore[dict-item]
+    try:
+        yield
+    finally:
+        _settings.update(saved)
+
+
+def _per_sample_ok(x: Tensor) -> bool:
+    """Large contiguous CPU samples: reduced fastest sample by sample along the spatial axis."""
+    n = max(x.shape[0], 1)
+    return x.device.type == "cpu" and x.dim() > 2 and x.is_contiguous() and x.numel() // n >= PER_SAMPLE_MIN_NUMEL
+
+
+def choose(job: str, x: Tensor, groups: int, dy: Tensor | None = None) -> str:
+    """The kernel path of ``job`` for activations ``x`` split into ``groups`` groups."""
+    forced = _settings["forced"].get(job)  # type: ignore[union-attr]
+    if forced is not None:
+        return forced
+    cpu = bool(_settings["cpu_specific"]) and x.device.type == "cpu"
+    if job == "moments":
+        if cpu and _per_sample_ok(x):
+            return "per_sample"
+        return "native" if groups == 1 else ("native_loop" if cpu else "grouped")
+    if job == "second_moment":
+        if x.is_contiguous():
+            return "spatial"
+        return "native" if groups == 1 else ("native_loop" if cpu else "grouped")
+    if job == "normalize":
+        return "native" if groups == 1 else "grouped"
+    if job == "grad_sums":
+        b = x.shape[0] // groups
+        if cpu and b > 1 and _per_sample_ok(x) and dy is not None and dy.is_contiguous():
+            return "chunked"
+        return "native" if groups == 1 else ("native_loop" if cpu else "grouped")
+    raise ValueError(f"unknown kernel job {job!r}")
+
+
+def group_view(t: Tensor, groups: int) -> Tensor:
+    """(N, C, *) -> (G, B, C, *) without a copy."""
+    return t.unflatten(0, (groups, t.shape[0] // groups))
+
+
+def per_group_channel(v: Tensor, ndim: int) -> Tensor:
+    """(G, C) -> (G, 1, C, 1, ...) broadcastable against a (G, B, C, *) view."""
+    return v.view(v.shape[0], 1, v.shape[1], *([1] * (ndim - 3)))
+
+
+def _group_dims(ndim: int) -> tuple[int, ...]:
+    """The dimensions of a (G, B, C, *) view that a per-(group, channel) reduction sums over."""
+    return (1, *range(3, ndim))
+
+
+def _group_slices(x: Tensor, groups: int) -> list[Tensor]:
+    b = x.shape[0] // groups
+    return [x[i * b : (i + 1) * b] for i in range(groups)]
+
+
+def moments(x: Tensor, groups: int, path: str) -> tuple[Tensor, Tensor]:
+    """Per-group, per-channel mean and biased variance, each (G, C), in ``x``'s dtype."""
+    if path == "per_sample":
+        # Two passes along each sample's contiguous spatial axis (mean, then the norm of x - mean) run
+        # about twice as fast on CPU as the native kernel on the (N, C, *) layout and stay exact: the
+        # groups' moments combine the samples' without cancellation.
+        n, c = x.shape[0], x.shape[1]
+        x3 = x.reshape(n, c, -1)
+        mean = x3.mean(dim=-1, keepdim=True)
+        var = torch.linalg.vector_norm(x3 - mean, 2, dim=-1).square_().div_(x3.shape[-1])
+        means, variances = mean.view(groups, n // groups, c), var.view(groups, n // groups, c)
+        group_mean = means.mean(dim=1)
+        spread = (means - group_mean.unsqueeze(1)).square_().mean(dim=1)
+        return group_mean, variances.mean(dim=1) + spread
+    if path == "grouped":
+        var, mean = torch.var_mean(group_view(x, groups), dim=_group_dims(x.dim() + 1), correction=0)
+        return mean, var
+    slices = [x] if path == "native" else _group_slices(x, groups)
+    pairs = [torch.batch_norm_update_stats(xg, None, None, 0.0) for xg in slices]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def second_moment(x: Tensor, groups: int, dtype: torch.dtype, path: str) -> Tensor:
+    """Per-group, per-channel E[x^2], (G, C), accumulated in ``dtype``.
+
+    The norms are scaled by ``1 / sqrt(count)`` before they are squared and summed, so the result
+    overflows only when E[x^2] itself does not fit ``dtype``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    count = x.numel() // (max(groups, 1) * c)
+    scale = 1.0 / math.sqrt(count) if count else 0.0
+    if path == "spatial":
+        # Reducing along the contiguous spatial axis first is the fastest pass on the (N, C, *) layout
+        # (several times faster than one strided reduction over samples and space).
+        norms = torch.linalg.vector_norm(x.reshape(n, c, -1), 2, dim=-1, dtype=dtype)  # (N, C)
+        return norms.mul_(scale).square_().view(groups, n // groups, c).sum(dim=1)
+    if path == "grouped":
+        norms = torch.linalg.vector_norm(group_view(x, groups), 2, dim=_group_dims(x.dim() + 1), dtype=dtype)
+        return norms.mul_(scale).square_()
+    # The native statistics kernel: E[x^2] = var + mean^2.
+    mean, var = moments(x.to(dtype) if dtype != x.dtype else x, groups, path)
+    mean, var = mean.to(dtype), var.to(dtype)
+    return var + mean * mean
+
+
+def _reduction_chunk(n: int, b: int) -> int:
+    """Samples per native backward call, a divisor of the group size ``b``: at most 64 calls.
+
+    On CPU the native reduction over a contiguous (N, C, ...) batch walks each channel across all
+    samples; calls over a few samples at a time keep the data of a channel together and run about
+    twice as fast once a sample is large.
+    """
+    least = -(-n // 64)
+    return next((k for k in range(least, b + 1) if b % k == 0), b)
+
+
+def grad_sums(
+    dy: Tensor, x: Tensor, mean: Tensor | None, invstd: Tensor, groups: int, path: str
+) -> tuple[Tensor, Tensor]:
+    """Per-group, per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd``, each (G, C).
+
+    ``mean`` is None for the uncentered form. The sums come in ``invstd``'s dtype.
+    """
+    out_dtype = invstd.dtype
+    if path == "grouped":
+        dyv, xv = group_view(dy, groups), group_view(x, groups)
+        dims = _group_dims(dyv.dim())
+        if dyv.dtype != out_dtype:
+            dyv, xv = dyv.to(out_dtype), xv.to(out_dtype)
+        centered = xv if mean is None else xv - per_group_channel(mean, xv.dim())
+        return dyv.sum(dims), (dyv * centered).sum(dims).mul_(invstd)
+    # The native kernel wants its vectors in the activations' statistics dtype (float32 for halves).
+    kernel_dtype = torch.promote_types(stat_dtype(x.dtype), stat_dtype(dy.dtype))
+    center = torch.zeros_like(invstd) if mean is None else mean
+    center, scale = center.to(kernel_dtype), invstd.to(kernel_dtype)
+    b = x.shape[0] // groups
+    k = b if path != "chunked" else _reduction_chunk(x.shape[0], b)
+    mask = [False, True, True]
+    dbs, dws = [], []
+    for i, (dyc, xc) in enumerate(zip(dy.split(k), x.split(k))):
+        g = i * k // b
+        # With mask (False, True, True) the native backward only reduces: grad_weight is
+        # sum(dy * (x - mean)) * invstd and grad_bias is sum(dy).
+        _, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dyc, xc, None, None, None, center[g], scale[g], True, 0.0, mask
+        )
+        dws.append(dw)
+        dbs.append(db)
+    sum_dy, sum_dy_xhat = torch.stack(dbs), torch.stack(dws)
+    per_group = b // k
+    if per_group > 1:
+        c = sum_dy.shape[-1]
+        sum_dy = sum_dy.view(groups, per_group, c).sum(1)
+        sum_dy_xhat = sum_dy_xhat.view(groups, per_group, c).sum(1)
+    return sum_dy.to(out_dtype), sum_dy_xhat.to(out_dtype)

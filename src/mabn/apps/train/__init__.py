@@ -1,0 +1,57 @@
+"""``mabn train``: train a model with any normalization layer (see :mod:`mabn.apps.train.loop`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import DEFAULTS, RESULT, STATS_LOG, add_arguments, check_config, config_from_args
+from .loop import evaluate, learning_rate, run_or_resume, train
+
+__all__ = [
+    "DEFAULTS",
+    "RESULT",
+    "STATS_LOG",
+    "add_arguments",
+    "check_config",
+    "config_from_args",
+    "evaluate",
+    "learning_rate",
+    "run_or_resume",
+    "train",
+    "run",
+    "main",
+]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mabn train``."""
+    config = config_from_args(args)
+    result = train(
+        config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, progress=args.progress
+    )
+    return 0 if result else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mabn.train``: the same options and error handling as ``mabn train``."""
+    from .. import enable_huge_pages
+    from ..cli import CLIError
+
+    enable_huge_pages()
+
+    parser = argparse.ArgumentParser(prog="mabn train", description=(__doc__ or "").splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"mabn train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mabn train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
