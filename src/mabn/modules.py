@@ -287,8 +287,10 @@ class StreamNorm(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_var.device)
         if version is not None and version < 2:
             _migrate_v1(state_dict, prefix)
-        if strict and not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
-            return  # refused: nothing is copied, the layer stays as it was
+        # All of this layer's keys or none: a refused load (missing, foreign or misshaped entries)
+        # copies nothing, so the layer stays as it was.
+        if not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -340,21 +342,20 @@ def _check_keys(
         return True
     missing.extend(prefix + k for k in lacking)
     unexpected.extend(prefix + k for k in extra)
-    detail = "; ".join(
-        part
-        for part in (
-            f"missing {', '.join(lacking)}" if lacking else "",
-            f"unexpected {', '.join(extra)}" if extra else "",
-            f"size mismatch {', '.join(shapes)}" if shapes else "",
+    if extra or shapes:  # another kind of layer, or another size: an error even when loading non-strictly
+        detail = "; ".join(
+            part
+            for part in (
+                f"unexpected {', '.join(extra)}" if extra else "",
+                f"missing {', '.join(lacking)}" if lacking else "",
+                f"size mismatch {', '.join(shapes)}" if shapes else "",
+            )
+            if part
         )
-        if part
-    )
-    hint = ""
-    if "running_mean" in extra or "running_mean" in lacking:
-        hint = " (a state dict of another kind of norm layer: convert the model with mabn.convert_model instead)"
-    errors.append(
-        f"{type(module).__name__} {prefix.rstrip('.') or ''} refused the state dict, nothing loaded: {detail}{hint}"
-    )
+        hint = ""
+        if extra:
+            hint = " (the state dict of another kind of norm layer: convert the model with mabn.convert_model)"
+        errors.append(f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: {detail}{hint}")
     return False
 
 

@@ -33,4 +33,4 @@ for name, layer in layers.items():
     x = (torch.randn(*shape) * 2 + 0.5).to(dtype)
     inputs[name] = (x, layer(x).detach())
 state_dicts = {name: layer.state_dict() for name, layer in layers.items()}
-torch.save({"state_dicts": state_dicts, "inputs": inputs, "torch": torch.__version__}, "tests/data/layers_v1.pt")
+torch.save({"state_dicts": state_dicts, "inputs": inputs, "torch": str(torch.__version__)}, "tests/data/layers_v1.pt")

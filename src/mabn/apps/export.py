@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..checkpoint_io import load_checkpoint, model_from_checkpoint
 from ..export import FORMATS, export_model
 
 __all__ = ["default_input_shape", "add_arguments", "run"]

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+from ...checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from ..data import DataSource, make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
 from .config import (
