@@ -66,7 +66,14 @@ def test_moments(device, dtype, path, groups, channels_last):
     assert_close(var.double(), ref.var(dim=(1, 3, 4), unbiased=False), rtol=TOL[dtype]["rtol"] * 1e2, atol=1e-6)
 
 
-SECOND_MOMENT_CASES = [("spatial", 1), ("spatial", 4), ("native", 1), ("native_loop", 4), ("grouped", 1), ("grouped", 4)]
+SECOND_MOMENT_CASES = [
+    ("spatial", 1),
+    ("spatial", 4),
+    ("native", 1),
+    ("native_loop", 4),
+    ("grouped", 1),
+    ("grouped", 4),
+]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

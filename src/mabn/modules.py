@@ -355,7 +355,9 @@ def _check_keys(
         hint = ""
         if extra:
             hint = " (the state dict of another kind of norm layer: convert the model with mabn.convert_model)"
-        errors.append(f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: {detail}{hint}")
+        errors.append(
+            f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: {detail}{hint}"
+        )
     return False
 
 
