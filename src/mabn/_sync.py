@@ -2,9 +2,17 @@
 
 Each rank contributes its per-group, per-channel sums and sample counts; one ``all_reduce`` (SUM) of
 one packed float64 vector per layer call and direction turns them into the statistics of the union.
-The vector also carries a fingerprint ``[f, f^2]`` of the call (channels, groups, configuration and
-call count): when every rank sent the same ``f`` the sums are ``R f`` and ``R f^2``, otherwise the
-ranks disagree and the layer raises instead of mixing statistics of different calls.
+
+Checks. The vector also carries a fingerprint ``[f, f^2]`` of the call (channels, groups,
+configuration and call count): when every rank sent the same ``f`` the sums are ``R f`` and
+``R f^2``, otherwise the ranks disagree and the layer raises instead of mixing statistics. Reading
+the result is free for CPU tensors (gloo has already waited), so it happens on every CPU call; on
+other devices only on the layer's first training call. The first call also runs a separate
+two-number collective before the statistics, because a collective whose vectors differ in size
+(ranks with different channel or group counts) is not an error gloo reports but an abort (and a
+hang on NCCL). Not detected: two layers of identical configuration swapped at the same call count,
+and vectors of different sizes after the first call (a rank whose batch makes a different number of
+groups: keep the per-rank batch size equal, as ``DistributedSampler(drop_last=True)`` does).
 """
 
 from __future__ import annotations
@@ -63,13 +71,14 @@ def reduce_forward(
     group: object,
     calls: Tensor,
     base: int,
-    check: bool,
+    check: bool | str,
 ) -> tuple[Tensor, Tensor]:
     """The statistics (G, k, C) of the groups' union over the ranks, and the union's element counts (G,).
 
     ``batch`` holds each local group's (mean, variance) or (E[x^2],) over ``n_local`` elements per
     channel. Centered statistics are combined about ``shift`` (the running mean, equal on every
-    rank), which keeps ``E[(x - shift)^2] - E[x - shift]^2`` free of cancellation.
+    rank), which keeps ``E[(x - shift)^2] - E[x - shift]^2`` free of cancellation. ``check`` is
+    False, True (read the fingerprint) or ``"first"`` (also compare the fingerprints before).
     """
     g, _, c = batch.shape
     stats = batch.to(torch.float64)
@@ -82,6 +91,10 @@ def reduce_forward(
         sums = torch.zeros_like(sums)  # the local moments of an empty batch are NaN
     counts = torch.full((g,), float(n_local), dtype=torch.float64, device=batch.device)
     check_values = _pack_check(base, calls)
+    if check == "first":  # sizes first: vectors of different sizes would abort the collective below
+        probe = check_values.clone()
+        dist.all_reduce(probe, group=group)
+        _verify(probe, check_values, dist.get_world_size(group), "forward")
     packed = torch.cat([sums.flatten(), counts, check_values])
     dist.all_reduce(packed, group=group)
     if check:
@@ -98,7 +111,7 @@ def reduce_forward(
 
 
 def reduce_backward(
-    sum_dy: Tensor, sum_dy_xhat: Tensor, group: object, base: int, check: bool
+    sum_dy: Tensor, sum_dy_xhat: Tensor, group: object, base: int, check: bool | str
 ) -> tuple[Tensor, Tensor]:
     """The sums of ``dL/dy`` and ``dL/dy * x_hat`` (each (G, C)) over the ranks' matching groups."""
     check_values = _pack_check(base, None).to(sum_dy.device)

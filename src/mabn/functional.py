@@ -189,7 +189,7 @@ class _Step:
     count: int | Tensor
     group: Any = None
     fingerprint: int = 0
-    check: bool = False
+    check: bool | str = False
     last_call: Tensor | None = None
 
 
@@ -487,8 +487,10 @@ def stream_norm(
         process_group: a ``torch.distributed`` process group over which the statistics of each
             normalization group are synced (the union of the matching groups of every rank), or
             ``None`` for this process's statistics only. Default: ``None``.
-        sync_check: verify that the ranks agree on the call (reads the collective's result on the
-            host). Default: ``None``, on for CPU tensors, where it costs nothing extra.
+        sync_check: compare the ranks' calls (see :mod:`mabn._sync`): ``True`` also runs a
+            two-number collective first, as a layer does on its first training call; ``None``
+            reads the fingerprint of CPU collectives only, where it costs nothing extra.
+            Default: ``None``.
 
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.
@@ -531,7 +533,7 @@ def stream_norm(
         )
     if synced:
         step.group, step.fingerprint = process_group, _sync.fingerprint(c, groups, config)
-        step.check = sync_check if sync_check is not None else input.device.type == "cpu"
+        step.check = "first" if sync_check else (sync_check is None and input.device.type == "cpu")
     packed, updates = _forward_step(input.detach(), state, config, step)
     output = _NormFunction.apply(input, weight, bias, packed, state, config, step)
     recompute.record(key, (packed, step))
