@@ -138,7 +138,8 @@ def test_layers_of_every_kind(make, shape):
     model = make().double()
     x = torch.randn(shape, dtype=F64)
     calibrate(model, x)
-    folded, report = mabn.fold(model, return_report=True)
+    # example_input: Linear + 1-D norm folds only when the shapes prove it equivalent.
+    folded, report = mabn.fold(model, example_input=x, return_report=True)
     assert len(report.folded) == 1 and report.unfolded == []
     _assert_plain(folded)
     with torch.no_grad():
@@ -309,3 +310,112 @@ def test_quantization_fuse_modules_applies_after_to_batchnorm():
     x = torch.randn(2, 1, 12, 12)
     with torch.no_grad():
         assert rel_error(fused(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(
+    ("dim", "kwargs"),
+    [
+        (1, dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+        (2, dict(kernel_size=3, stride=2, padding=1, output_padding=1, dilation=2)),
+        (2, dict(kernel_size=(2, 3), stride=(2, 3), padding=(0, 1), output_padding=(1, 2), bias=False)),
+        (3, dict(kernel_size=2, stride=2, dilation=2, output_padding=1)),
+    ],
+)
+@pytest.mark.parametrize("norm", ["bn", "mabn"])
+def test_transposed_convolutions_fold(dim, kwargs, groups, norm):
+    tconv = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dim - 1]
+    norm_layer = mabn.create_norm_layer(norm, 6, dim=dim)
+    model = nn.Sequential(tconv(4, 6, groups=groups, **kwargs), norm_layer, nn.ReLU()).double()
+    x = torch.randn(4, 4, *[5, 4, 3][:dim], dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [("0", "1")] and report.unfolded == []
+    assert type(folded[0]) is tconv and folded[0].bias is not None and type(folded[1]) is nn.Identity
+    assert (folded[0].groups, folded[0].output_padding, folded[0].dilation) == (
+        groups, model[0].output_padding, model[0].dilation,
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = model(x)
+        assert expected.abs().max() > 1e-3
+        assert rel_error(folded(x), expected) <= 1e-12
+
+
+def test_grouped_transposed_convolution_scales_each_output_channel():
+    # Scale 1, 2, 3, 4 per output channel: each must land on its own column of its group's rows.
+    tconv = nn.ConvTranspose2d(4, 4, 1, groups=2, bias=False).double()
+    bn = nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.arange(1.0, 5.0, dtype=F64))
+        bn.running_var.fill_(1 - bn.eps)
+    folded = mabn.fold(nn.Sequential(tconv, bn).eval())
+    w, got = tconv.weight, folded[0].weight  # (in=4, out/groups=2, 1, 1)
+    assert_close(got[:2, 0], w[:2, 0] * 1)
+    assert_close(got[:2, 1], w[:2, 1] * 2)
+    assert_close(got[2:, 0], w[2:, 0] * 3)
+    assert_close(got[2:, 1], w[2:, 1] * 4)
+
+
+def _linear_norm(norm):
+    # out_features == C: the old folding applied the norm's channel scale to the last dim instead.
+    return nn.Sequential(nn.Linear(6, 6), norm(6), nn.ReLU()).double()
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, mabn.MABN1d])
+def test_linear_then_1d_norm_on_3d_input_is_not_folded(norm):
+    model = _linear_norm(norm)
+    x = torch.randn(4, 6, 6, dtype=F64)  # (N, C, L)
+    calibrate(model, x)
+    with torch.no_grad():
+        expected = model(x)
+    for example in (None, x):
+        folded, report = mabn.fold(model, example_input=example, return_report=True)
+        assert report.folded == []
+        [(name, cls, reason)] = report.unfolded
+        assert (name, cls) == ("1", "BatchNorm1d")
+        if example is None:
+            assert "pass example_input" in reason
+        else:
+            assert "3-D input" in reason and "cannot fold" in reason
+        with torch.no_grad():
+            assert rel_error(folded(x), expected) <= 1e-12
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, mabn.MABN1d])
+def test_linear_then_1d_norm_on_2d_input_folds_with_example_input(norm):
+    model = _linear_norm(norm)
+    x = torch.randn(8, 6, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, example_input=x, return_report=True)
+    assert report.folded == [("0", "1")] and report.unfolded == []
+    assert type(folded[0]) is nn.Linear and type(folded[1]) is nn.Identity
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+    # A tuple of positional inputs works too; the caller's model is never run in training mode.
+    assert mabn.fold(model, example_input=(x,), return_report=True)[1].folded == [("0", "1")]
+    with pytest.raises(TypeError, match="example_input must be a Tensor or a tuple.*got dict"):
+        mabn.fold(model, example_input={"x": x})
+
+
+class _UntraceableHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(6, 6), mabn.MABN1d(6))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: the structural fallback finds the Sequential pair
+            return self.head(x)
+        return -x
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 6)])
+def test_linear_pairs_are_checked_in_the_fallback_too(shape):
+    model = _UntraceableHead().double()
+    x = torch.randn(shape, dtype=F64).abs()
+    calibrate(model, x)
+    without = mabn.fold(model, return_report=True)[1]
+    assert not without.traced and without.folded == [] and "pass example_input" in without.unfolded[0][2]
+    folded, report = mabn.fold(model, example_input=x, return_report=True)
+    assert report.folded == ([("head.0", "head.1")] if len(shape) == 2 else [])
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12

@@ -378,7 +378,21 @@ def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
 
 @pytest.mark.parametrize(
     "module",
-    ["modules", "conv", "config", "functional", "factory", "models.resnet", "models.build", "convert", "fold", "export", "monitor", "recompute", "_kernels"],
+    [
+        "modules",
+        "conv",
+        "config",
+        "functional",
+        "factory",
+        "models.resnet",
+        "models.build",
+        "convert",
+        "fold",
+        "export",
+        "monitor",
+        "recompute",
+        "_kernels",
+    ],
 )
 def test_docstring_examples_run(module):
     module = importlib.import_module(f"mabn.{module}")

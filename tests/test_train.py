@@ -267,3 +267,46 @@ def test_python_m_mabn_train_reports_errors_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "mabn train: error: --norm-batch-size 5 does not divide --batch-size 32"
+
+
+def test_accumulation_reproduces_the_large_batch_run(tmp_path):
+    # 4 micro-batches of 8 with accumulation = one gradient batch of 32 with norm_batch_size 8: the same
+    # statistics stream and the same gradients, up to the order of float sums.
+    common = dict(
+        norm="mabn", conv="centralized", norm_batch_size=8, norm_opts={"warmup_iters": 2, "renorm_warmup_iters": 3}
+    )
+    big = trainer.train(_config(tmp_path / "big", **common))
+    acc = trainer.train(_config(tmp_path / "acc", accumulate=4, **common))
+    a = torch.load(tmp_path / "big" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "acc" / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert abs(big["final_train_loss"] - acc["final_train_loss"]) < 1e-4
+    saved = json.loads((tmp_path / "acc" / "config.json").read_text())
+    assert saved["model_config"]["norm_kwargs"]["accumulate"] == 4
+
+
+def test_checkpointed_activations_train_the_same_weights(tmp_path):
+    common = dict(norm="mabn", conv="centralized", norm_batch_size=2, epochs=1)
+    plain = trainer.train(_config(tmp_path / "plain", **common))
+    ckpt = trainer.train(_config(tmp_path / "ckpt", checkpoint_activations=True, **common))
+    assert plain["param_digest"] == ckpt["param_digest"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--accumulate", "3"], "--accumulate 3 does not divide --batch-size 32"),
+        (["--accumulate", "4", "--norm-batch-size", "16"], "--norm-batch-size 16 does not divide the micro-batch of 8"),
+        (["--accumulate", "0"], "accumulate must be a positive integer, got 0"),
+        (["--task", "segmentation"], "--task segmentation with --data synthetic"),
+        (["--sync-norm", "--norm", "gn"], "--sync-norm does not apply to the per-sample"),
+        (["--accumulate", "2", "--monitor-every", "2"], "cannot be used with --accumulate"),
+    ],
+)
+def test_bad_step_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, err = _cli([*BASE, "--out", str(out), *argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()

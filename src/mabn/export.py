@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fold import check_eval, fold
@@ -32,6 +33,48 @@ def _example(model: nn.Module, example_input: Tensor | None, input_shape: tuple[
     ref = next(model.parameters(), None)
     kwargs = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     return torch.randn(shape, **kwargs)
+
+
+_SPATIAL_NAMES = {1: ["length"], 2: ["height", "width"], 3: ["depth", "height", "width"]}
+
+
+def _spatial_names(count: int) -> list[str]:
+    """Names of the symbolic dims after (N, C): they name the ONNX input's axes."""
+    return _SPATIAL_NAMES.get(count, [f"dim{i + 2}" for i in range(count)])
+
+
+def _dynamic(example: Tensor, dynamic_batch: bool, dynamic_spatial: bool) -> tuple[Tensor, tuple | None]:
+    """The example to trace with and the ``dynamic_shapes`` of ``torch.export`` for the symbolic dims.
+
+    ``torch.export`` specializes sizes 0 and 1, and gives dims of equal size one symbol (then the
+    graph may assume they are equal), so every symbolic dim of the traced example gets a size of at
+    least 2 that no other symbolic dim has: the batch is repeated, spatial dims are zero-padded at
+    the end (the padded example is only traced, its values do not matter).
+    """
+    dims: dict[int, torch.export.Dim] = {}
+    if dynamic_batch:
+        if example.shape[0] == 1:
+            example = torch.cat([example, example])
+        dims[0] = torch.export.Dim("batch")
+    if dynamic_spatial:
+        if example.dim() < 3:
+            raise ValueError(f"dynamic_spatial needs an input with dims after (N, C), got shape {tuple(example.shape)}")
+        used = {example.shape[0]} if dynamic_batch else set()
+        sizes = []
+        for size in example.shape[2:]:
+            size = max(size, 2)
+            while size in used:
+                size += 1
+            used.add(size)
+            sizes.append(size)
+        pad = []
+        for old, new in zip(reversed(example.shape[2:]), reversed(sizes)):
+            pad += [0, new - old]  # F.pad lists the last dim first
+        if any(pad):
+            example = F.pad(example, pad)
+        for i, name in enumerate(_spatial_names(example.dim() - 2)):
+            dims[i + 2] = torch.export.Dim(name)
+    return example, ((dims,) if dims else None)
 
 
 @contextlib.contextmanager
@@ -58,6 +101,7 @@ def export_model(
     *,
     input_shape: tuple[int, ...] | None = None,
     dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
     opset: int | None = None,
 ) -> Path:
     """Fold ``model`` and write it as ONNX or TorchScript.
@@ -75,13 +119,19 @@ def export_model(
         dynamic_batch: ONNX only: the batch dimension is symbolic (any batch size runs).
             TorchScript traces of convolutional networks take any batch size anyway. (TorchScript
             is deprecated in recent PyTorch releases but still written and loaded.)
+        dynamic_spatial: ONNX only: every dim after (N, C) is symbolic too (height and width of
+            images), so e.g. a segmentation model runs at any input size. The model is traced with
+            an example whose spatial sizes are at least 2 and differ from each other and from the
+            batch (``example_input`` is zero-padded at the end of those dims when needed), since
+            ``torch.export`` specializes sizes 0 and 1 and ties equal sizes together.
         opset: ONNX opset version (default: the exporter's).
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: the model is in training mode, unknown ``format``, or no example input.
+        ValueError: the model is in training mode, unknown ``format``, no example input, or
+            ``dynamic_spatial`` with an input that has no dims after (N, C).
 
     Example::
 
@@ -96,7 +146,11 @@ def export_model(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     check_eval(model, "export")
     example = _example(model, example_input, input_shape)
-    folded = fold(model)
+    if format == "onnx":
+        # Checked before folding, which can take a while.
+        example, dynamic_shapes = _dynamic(example, dynamic_batch, dynamic_spatial)
+    # The example lets fold check the shapes of Linear + 1-D norm pairs (see mabn.fold).
+    folded = fold(model, example_input=example)
     path = Path(path)
     with torch.no_grad():
         if format == "torchscript":
@@ -106,12 +160,6 @@ def export_model(
                 traced = torch.jit.trace(folded, example)
                 traced.save(str(path))
             return path
-        dynamic_shapes = None
-        if dynamic_batch:
-            # torch.export specializes sizes 0 and 1, so a symbolic batch is traced with two samples.
-            if example.shape[0] == 1:
-                example = torch.cat([example, example])
-            dynamic_shapes = ({0: torch.export.Dim("batch")},)
         with _quiet():
             torch.onnx.export(
                 folded,

@@ -7,8 +7,10 @@ convolution followed by it is one convolution with
     W' = W_c * s,  b' = (b - mu) * s + beta,  s = gamma / sqrt(var + eps)
 
 per output channel, where ``W_c`` is the weight the convolution applies (centered for
-weight-centralized layers). :func:`fold` does this for a whole model; :func:`to_batchnorm` instead
-rewrites the layers as plain torch ``BatchNorm``/``Conv`` so that torch's own fusion tools apply.
+weight-centralized layers). A transposed convolution's weight has shape ``(in, out / groups, *k)``:
+its output channels are dim 1 within each group, and the scale goes there. :func:`fold` does this
+for a whole model; :func:`to_batchnorm` instead rewrites the layers as plain torch
+``BatchNorm``/``Conv`` so that torch's own fusion tools apply.
 Like :mod:`torch.nn.utils.fusion`, both refuse training-mode models and work on a copy.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import fx, nn
@@ -31,7 +33,15 @@ __all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
 logger = logging.getLogger(__name__)
 
 _PLAIN = {cen: plain for plain, cen in CENTRALIZED.items()}
-_CONV_DIM = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.Linear: 1}
+_CONV_DIM = {
+    nn.Conv1d: 1,
+    nn.Conv2d: 2,
+    nn.Conv3d: 3,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 2,
+    nn.ConvTranspose3d: 3,
+    nn.Linear: 1,
+}
 # Normalization layers that cannot fold (statistics of each sample, or no running statistics).
 _OTHER_NORMS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
@@ -48,7 +58,8 @@ class FoldReport:
 
     Attributes:
         folded: ``(conv name, norm name)`` of every pair folded into one convolution.
-        unfolded: ``(norm name, class name, reason)`` of every normalization layer left in the model.
+        unfolded: ``(norm name, class name, reason)`` of every normalization layer left in the model
+            (a ``Linear`` + 1-D norm pair whose shapes were not checked says to pass ``example_input``).
         traced: True when the pairs were found in a ``torch.fx`` trace of the model; False when the
             model could not be traced and only ``nn.Sequential`` neighbours and the blocks of
             :mod:`mabn.models` were used (``trace_error`` says why).
@@ -151,7 +162,12 @@ def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _pairs_from_structure(model: nn.Module) -> list[tuple[str, str]]:
-    """Pairs whose data flow is known without a trace: ``nn.Sequential`` neighbours and ResNet blocks."""
+    """Pairs whose data flow is known without a trace: ``nn.Sequential`` neighbours and ResNet blocks.
+
+    This covers every pair of :mod:`mabn.models`: the ResNets' stems and blocks (``convK`` -> ``bnK``),
+    their shortcuts, and the decoder of :class:`~mabn.models.SegmentationFPN`, whose lateral,
+    upsampling and head layers are ``nn.Sequential`` (conv or transposed conv, norm[, ReLU]).
+    """
     from .models import BasicBlock, Bottleneck, ResNet
 
     unique = _unique_names(model)
@@ -173,9 +189,81 @@ def _pairs_from_structure(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _example_args(example_input: Any) -> tuple[Any, ...] | None:
+    """``example_input`` as positional arguments of the model: a Tensor, or a tuple/list of them."""
+    if example_input is None:
+        return None
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input)
+    raise TypeError(f"example_input must be a Tensor or a tuple of model inputs, got {type(example_input).__name__}")
+
+
+@torch.no_grad()
+def _input_dims(model: nn.Module, names: list[str], args: tuple[Any, ...]) -> dict[str, set[int]]:
+    """name -> dimensionalities of the inputs each named module received in ``model(*args)``.
+
+    Hooks on the modules rather than shape propagation through the fx graph: they see the same
+    shapes, and they also work when the model cannot be traced (the structural fallback).
+    """
+    seen: dict[str, set[int]] = {name: set() for name in names}
+    handles = []
+    for name in names:
+
+        def record(module, inputs, name=name):
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                seen[name].add(inputs[0].dim())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+_LINEAR_UNCHECKED = (
+    "Linear followed by a 1-D norm folds only when the norm's input is 2-D (N, C); "
+    "pass example_input to fold so that the shapes can be checked"
+)
+
+
+def _check_linear_pairs(
+    model: nn.Module, pairs: list[tuple[str, str]], args: tuple[Any, ...] | None
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Keep the ``Linear`` + 1-D norm pairs that provably fold; the others, norm name -> reason.
+
+    A 1-D norm scales dim 1; a Linear layer's outputs are the last dim. Both are the channel dim only
+    for 2-D (N, C) tensors: on (N, C, L) with ``out_features == C`` folding would scale the wrong axis.
+    """
+    linear = [(c, n) for c, n in pairs if isinstance(model.get_submodule(c), nn.Linear)]
+    if not linear:
+        return pairs, {}
+    if args is None:
+        dims: dict[str, set[int]] = {}
+    else:
+        dims = _input_dims(model, [n for _, n in linear], args)
+    rejected: dict[str, str] = {}
+    for _, norm_name in linear:
+        seen = dims.get(norm_name)
+        if seen is None:
+            rejected[norm_name] = _LINEAR_UNCHECKED
+        elif not seen:
+            rejected[norm_name] = "Linear followed by a 1-D norm that example_input did not reach: shapes unknown"
+        elif seen != {2}:
+            got = "/".join(f"{d}-D" for d in sorted(seen))
+            rejected[norm_name] = (
+                f"Linear followed by a 1-D norm on {got} input: the norm scales dim 1, "
+                "the Linear's outputs are the last dim; cannot fold"
+            )
+    return [(c, n) for c, n in pairs if n not in rejected], rejected
+
+
 @torch.no_grad()
 def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
-    """One plain conv (or linear) layer computing ``norm(conv(x))`` in evaluation mode."""
+    """One plain conv (transposed conv, linear) layer computing ``norm(conv(x))`` in evaluation mode."""
     weight = conv.centered_weight() if hasattr(conv, "centered_weight") else conv.weight
     dtype, device = weight.dtype, weight.device
     # Combine in float64 (at least), then round once to the layer's dtype.
@@ -189,7 +277,15 @@ def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
         shift = shift + scale * conv.bias.to(work)
     if norm.bias is not None:
         shift = shift + norm.bias.to(work)
-    new_weight = weight.to(work) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    ones = [1] * (weight.dim() - 2)
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        # weight (in, out / groups, *k): output channel j * (out / groups) + c is column c of the
+        # rows of group j, so view the rows as (groups, in / groups) and scale dim 2 per group.
+        groups, shape = conv.groups, weight.shape
+        grouped = weight.to(work).reshape(groups, shape[0] // groups, *shape[1:])
+        new_weight = (grouped * scale.view(groups, 1, shape[1], *ones)).reshape(shape)
+    else:
+        new_weight = weight.to(work) * scale.view(-1, 1, *ones)
     new = _retype(conv, _PLAIN.get(type(conv), type(conv)))
     grad = conv.weight.requires_grad
     new._parameters["weight"] = nn.Parameter(new_weight.to(dtype=dtype, device=device), requires_grad=grad)
@@ -214,22 +310,34 @@ def _reason(module: nn.Module) -> str:
 
 
 @overload
-def fold(model: nn.Module, *, return_report: Literal[False] = ...) -> nn.Module: ...
+def fold(model: nn.Module, *, example_input: Any = ..., return_report: Literal[False] = ...) -> nn.Module: ...
 @overload
-def fold(model: nn.Module, *, return_report: Literal[True]) -> tuple[nn.Module, FoldReport]: ...
+def fold(
+    model: nn.Module, *, example_input: Any = ..., return_report: Literal[True]
+) -> tuple[nn.Module, FoldReport]: ...
 
 
-def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+def fold(
+    model: nn.Module, *, example_input: Any = None, return_report: bool = False
+) -> nn.Module | tuple[nn.Module, FoldReport]:
     """A copy of ``model`` with every foldable norm layer folded into the convolution before it.
 
-    Folds every ``nn.Conv1d/2d/3d`` (plain or weight-centralized, the centering baked in) directly
-    followed by an evaluation-mode ``MABN*d``, ``GhostBatchNorm*d``, ``BatchRenorm*d``,
-    ``GeneralBatchNorm*d``, ``nn.BatchNorm*d`` or ``nn.SyncBatchNorm`` into one plain ``nn.Conv*d``
-    with bias (see the module docstring for the formula), and likewise ``nn.Linear`` followed by a
-    1-D norm; the norm becomes ``nn.Identity``. "Directly followed" is read from a ``torch.fx``
-    trace of the model: the conv's output must feed the norm and nothing else, and neither module
-    may be shared or called twice. A model that cannot be traced (data-dependent control flow)
-    falls back to ``nn.Sequential`` neighbours and the blocks of :mod:`mabn.models`.
+    Folds every ``nn.Conv1d/2d/3d`` (plain or weight-centralized, the centering baked in) and every
+    ``nn.ConvTranspose1d/2d/3d`` directly followed by an evaluation-mode ``MABN*d``,
+    ``GhostBatchNorm*d``, ``BatchRenorm*d``, ``GeneralBatchNorm*d``, ``nn.BatchNorm*d`` or
+    ``nn.SyncBatchNorm`` into one plain ``nn.Conv*d`` / ``nn.ConvTranspose*d`` with bias (see the
+    module docstring for the formula); the norm becomes ``nn.Identity``.
+
+    ``nn.Linear`` followed by a 1-D norm folds only when that is provably the same function: the
+    norm scales dim 1 and the Linear's outputs are the last dim, which agree for 2-D (N, C) inputs
+    only. So these pairs fold only when ``example_input`` is given and the norm receives 2-D inputs
+    in ``model(example_input)``; otherwise they stay and are reported. Convolution pairs need no
+    shapes.
+
+    "Directly followed" is read from a ``torch.fx`` trace of the model: the conv's output must feed
+    the norm and nothing else, and neither module may be shared or called twice. A model that
+    cannot be traced (data-dependent control flow) falls back to ``nn.Sequential`` neighbours and
+    the blocks of :mod:`mabn.models` (which covers every model of :mod:`mabn.models`).
 
     Afterwards nothing of this package is left: every remaining weight-centralized layer becomes
     the plain layer with centered weights, and every remaining layer of this package that could not
@@ -240,6 +348,9 @@ def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[
 
     Args:
         model: a model in evaluation mode (every sub-module).
+        example_input: an input of the model (a Tensor, or a tuple of positional inputs), run once
+            (without gradients) to check the shapes of ``Linear`` + 1-D norm pairs. Default: None
+            (those pairs are not folded).
         return_report: also return the :class:`FoldReport`.
 
     Returns:
@@ -247,6 +358,7 @@ def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[
 
     Raises:
         ValueError: ``model`` (or any sub-module) is in training mode.
+        TypeError: ``example_input`` is neither a Tensor nor a tuple or list.
 
     Example::
 
@@ -258,8 +370,14 @@ def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[
         >>> x = torch.randn(2, 1, 28, 28)
         >>> torch.allclose(folded(x), model(x), atol=1e-5)
         True
+        >>> head = torch.nn.Sequential(torch.nn.Linear(8, 4), mabn.MABN1d(4)).eval()
+        >>> mabn.fold(head, return_report=True)[1].unfolded[0][2].startswith("Linear followed by a 1-D norm")
+        True
+        >>> len(mabn.fold(head, example_input=torch.randn(2, 8), return_report=True)[1].folded)
+        1
     """
     check_eval(model, "fold")
+    args = _example_args(example_input)
     model = copy.deepcopy(model)
     report = FoldReport()
     try:
@@ -267,6 +385,7 @@ def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the structural fallback
         report.traced, report.trace_error = False, f"{type(exc).__name__}: {exc}"
         pairs = _pairs_from_structure(model)
+    pairs, reasons = _check_linear_pairs(model, pairs, args)
     for conv_name, norm_name in pairs:
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
         _set(model, conv_name, _finish(conv, _fused(conv, norm)))
@@ -276,7 +395,7 @@ def fold(model: nn.Module, *, return_report: bool = False) -> nn.Module | tuple[
     model = revert_model(model, centered_weights=True)
     for name, m in model.named_modules():
         if isinstance(m, (*_OTHER_NORMS, nn.modules.batchnorm._BatchNorm)):
-            report.unfolded.append((name, type(m).__name__, _reason(m)))
+            report.unfolded.append((name, type(m).__name__, reasons.get(name) or _reason(m)))
     if report.unfolded and not return_report:
         kept = ", ".join(f"{name or '<model>'} ({cls})" for name, cls, _ in report.unfolded[:8])
         more = f" and {len(report.unfolded) - 8} more" if len(report.unfolded) > 8 else ""

@@ -74,8 +74,14 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 # Training data sources: in-memory image tensors (Fashion-MNIST, synthetic) and ImageFolder trees.
 # --------------------------------------------------------------------------------------------------
 
-#: Data sources known to ``mabn train``.
-DATA_SOURCES = ("fashion-mnist", "imagefolder", "synthetic")
+#: Data sources known to ``mabn train`` and the task each is for.
+DATA_TASKS = {
+    "fashion-mnist": "classification",
+    "imagefolder": "classification",
+    "synthetic": "classification",
+    "fashion-scenes": "segmentation",
+}
+DATA_SOURCES = tuple(DATA_TASKS)
 
 #: Mean and standard deviation of the Fashion-MNIST training pixels (scaled to [0, 1]).
 FASHION_MNIST_MEAN = (0.2860,)
@@ -140,6 +146,7 @@ class DataSource:
     """
 
     name: str = ""
+    task: str = "classification"
     num_classes: int = 0
     in_channels: int = 0
 
@@ -487,10 +494,10 @@ def make_source(
     """Open a data source of :data:`DATA_SOURCES` by name.
 
     Args:
-        source: ``"fashion-mnist"``, ``"imagefolder"`` (needs ``data_dir``) or ``"synthetic"``.
+        source: ``"fashion-mnist"``, ``"imagefolder"`` (needs ``data_dir``), ``"synthetic"`` or ``"fashion-scenes"``.
         data_dir: directory of the data (Fashion-MNIST default: the Debian package's directory).
         limit_train, limit_test: keep only that many samples of each split.
-        image_size: model input side for ``"imagefolder"``.
+        image_size: model input side for ``"imagefolder"``, the canvas side for ``"fashion-scenes"``.
         seed: seed of the ``"synthetic"`` data.
 
     Raises:
@@ -516,4 +523,8 @@ def make_source(
             num_test=limit_test if limit_test is not None else 256,
             seed=seed,
         )
+    if source == "fashion-scenes":
+        from .scenes import fashion_scenes_source  # scenes imports this module
+
+        return fashion_scenes_source(data_dir, limit_train, limit_test, canvas=image_size)
     raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(DATA_SOURCES)}")

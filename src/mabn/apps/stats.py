@@ -162,14 +162,17 @@ def run_config(run_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def train_command(config: dict[str, Any]) -> str:
     """The ``mabn train`` command line that trains ``config`` (options at their defaults left out)."""
-    from .train import DEFAULTS
+    from .train import check_config
 
+    # The defaults as resolved for this data (the task, its architecture and input size follow the data).
+    defaults = check_config({"data": config.get("data", "fashion-mnist")})
     flags = {"monitor_layers": lambda v: ",".join(v), "warmup_epochs": lambda v: f"{v:g}"}
     parts = ["mabn", "train"]
     for key, value in config.items():
-        if value is None or value == DEFAULTS.get(key) or key in ("threads",):
+        if value is None or value == defaults.get(key) or key in ("threads", "task"):
             continue
-        parts += [f"--{key.replace('_', '-')}", flags.get(key, str)(value)]
+        option = f"--{key.replace('_', '-')}"
+        parts += [option] if value is True else [option, flags.get(key, str)(value)]
     return shlex.join(parts)
 
 

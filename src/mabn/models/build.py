@@ -8,16 +8,27 @@ from typing import Any
 
 from torch import nn
 
-from .resnet import resnet18, resnet34, resnet50, resnet_small
+from .resnet import ResNet, resnet18, resnet34, resnet50, resnet_small
+from .segmentation import SegmentationFPN, fpn_resnet18, fpn_resnet50, fpn_resnet_small
 
-__all__ = ["ARCHS", "build_model"]
+__all__ = ["ARCHS", "ARCH_TASKS", "build_model"]
 
-#: arch name -> builder.
+#: arch name -> builder. Classifiers (``task = "classification"``) and FPN segmentation models
+#: (``task = "segmentation"``; the names start with ``fpn_``).
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "fpn_resnet_small": fpn_resnet_small,
+    "fpn_resnet18": fpn_resnet18,
+    "fpn_resnet50": fpn_resnet50,
+}
+
+#: arch name -> the task its models do (the ``task`` attribute of the model classes).
+ARCH_TASKS: dict[str, str] = {
+    **{name: ResNet.task for name in ("resnet_small", "resnet18", "resnet34", "resnet50")},
+    **{name: SegmentationFPN.task for name in ("fpn_resnet_small", "fpn_resnet18", "fpn_resnet50")},
 }
 
 _CONFIG_KEYS = ("arch", "num_classes", "in_channels", "norm", "norm_kwargs", "conv")
@@ -27,10 +38,13 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
     """Build a model from its configuration, as stored in training checkpoints.
 
     Args:
-        model_config: ``{"arch": "resnet_small"|"resnet18"|"resnet34"|"resnet50", "num_classes": int,
-            "in_channels": int, "norm": name, "norm_kwargs": dict, "conv": None|"centralized"}`` plus
-            the arch's own options (``depth``, ``width`` for ``resnet_small``; ``zero_init_residual``).
-            Only ``arch`` is required; the others default to the builder's defaults.
+        model_config: ``{"arch": name, "num_classes": int, "in_channels": int, "norm": name,
+            "norm_kwargs": dict, "conv": None|"centralized"}`` plus the arch's own options (``depth``,
+            ``width`` for ``resnet_small`` and ``fpn_resnet_small``; ``decoder_channels`` and
+            ``stem_stride`` for the ``fpn_`` archs; ``zero_init_residual``). ``arch`` is a key of
+            :data:`ARCHS`: ``resnet_small``, ``resnet18``, ``resnet34``, ``resnet50`` (classifiers),
+            ``fpn_resnet_small``, ``fpn_resnet18``, ``fpn_resnet50`` (segmentation). Only ``arch`` is
+            required; the others default to the builder's defaults.
 
     Returns:
         The model (training mode, freshly initialized: load a state dict into it).

@@ -6,6 +6,8 @@ global average pooling and a linear classifier; module names match the common to
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``), so state dicts of that
 layout load. ``resnet_small`` is the CIFAR-style network for 28x28 / 32x32 images: a 3x3 stem and
 three stages of basic blocks of widths ``width``, ``2 * width``, ``4 * width``.
+:meth:`ResNet.forward_stages` returns the output of every stage, for dense-prediction decoders
+(:mod:`mabn.models.segmentation`).
 
 Every norm layer is built by :func:`mabn.create_norm_layer`, so ``norm_layer`` is a name
 (``"bn"``, ``"mabn"``, ``"gn"``, ...), a class or a ``functools.partial``; ``conv_layer="centralized"``
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from ..conv import CenConv2d, CenLinear, check_conv
 from ..factory import NormSpec, create_norm_layer
+from ..recompute import checkpoint
 
 __all__ = [
     "BasicBlock",
@@ -34,6 +37,9 @@ __all__ = [
 ]
 
 ConvSpec = str | type[nn.Module] | Callable[..., nn.Module] | None
+
+# stem name -> its stride (the max-pool's included).
+_STEMS = {"imagenet": 4, "small": 1, "small_stride2": 2}
 
 
 def _resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
@@ -147,14 +153,25 @@ class ResNet(nn.Module):
         layers: blocks per stage.
         widths: ``planes`` of each stage (the first stage has stride 1, the others stride 2).
         num_classes: outputs of the classifier. in_channels: channels of the input images.
-        stem: ``"imagenet"`` (7x7 stride-2 convolution and 3x3 stride-2 max-pool) or ``"small"``
-            (3x3 stride-1 convolution, no pooling).
+        stem: ``"imagenet"`` (7x7 stride-2 convolution and 3x3 stride-2 max-pool), ``"small"``
+            (3x3 stride-1 convolution, no pooling) or ``"small_stride2"`` (3x3 stride-2 convolution,
+            no pooling: the small stem at half the resolution, for larger images).
         norm_layer, norm_kwargs: the norm layers, through :func:`mabn.create_norm_layer`.
         conv_layer: None (``nn.Conv2d``/``nn.Linear``), ``"centralized"`` (``CenConv2d``/``CenLinear``)
             or a Conv2d-like class.
         zero_init_residual: set the weight of the last norm of each block to 0, so that each block
             starts as the identity. Default: ``False``.
+
+    Attributes:
+        task: ``"classification"`` (segmentation models say ``"segmentation"``).
+        stage_channels: output channels of each stage (``widths[i] * block.expansion``).
+        stage_strides: total stride of each stage's output relative to the input.
+        checkpoint_stages: when ``True`` and training, each stage runs under :func:`mabn.checkpoint`
+            (activations recomputed in the backward pass, statistics replayed). Default: ``False``.
     """
+
+    task = "classification"
+    checkpoint_stages = False
 
     def __init__(
         self,
@@ -175,19 +192,23 @@ class ResNet(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must be positive ints, one per stage, got layers={layers}, widths={widths}")
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        if stem not in _STEMS:
+            raise ValueError(f"stem must be one of {', '.join(map(repr, _STEMS))}, got {stem!r}")
         conv, linear = _resolve_conv(conv_layer)
         norm = _Norm(norm_layer, dict(norm_kwargs or {}))
         self.inplanes = widths[0]
         if stem == "imagenet":
             self.conv1 = conv(in_channels, self.inplanes, 7, stride=2, padding=3, bias=False)
         else:
-            self.conv1 = conv(in_channels, self.inplanes, 3, stride=1, padding=1, bias=False)
+            stride = 2 if stem == "small_stride2" else 1
+            self.conv1 = conv(in_channels, self.inplanes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = norm(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self.num_stages = len(layers)
+        self.stage_channels = [w * block.expansion for w in widths]
+        stem_stride = _STEMS[stem]
+        self.stage_strides = [stem_stride * 2**i for i in range(len(layers))]
         for i, (blocks, planes) in enumerate(zip(layers, widths)):
             stage = self._make_stage(block, planes, blocks, 1 if i == 0 else 2, norm, conv)
             self.add_module(f"layer{i + 1}", stage)
@@ -222,12 +243,28 @@ class ResNet(nn.Module):
                     if isinstance(weight, torch.Tensor):
                         nn.init.zeros_(weight)
 
+    def _run_stage(self, i: int, x: Tensor) -> Tensor:
+        stage = getattr(self, f"layer{i + 1}")
+        if self.checkpoint_stages and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, x)
+        return stage(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Everything but the classifier: the pooled features, shape (N, features)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.forward_stages(x)[-1]
         return torch.flatten(self.avgpool(x), 1)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage, finest first: shapes (N, ``stage_channels[i]``, ~H / ``stage_strides[i]``, ...).
+
+        Uses the stem and the stages only (not the pooling or the classifier), for dense-prediction decoders.
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for i in range(self.num_stages):
+            x = self._run_stage(i, x)
+            features.append(x)
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.forward_features(x))

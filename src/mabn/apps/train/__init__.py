@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from .config import DEFAULTS, RESULT, STATS_LOG, add_arguments, check_config, config_from_args
-from .loop import evaluate, learning_rate, run_or_resume, train
+from .evaluate import evaluate
+from .loop import learning_rate, run_or_resume, train
 
 __all__ = [
     "DEFAULTS",

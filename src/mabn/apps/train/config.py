@@ -11,10 +11,17 @@ from torch import nn
 
 from ...conv import CONV_CHOICES
 from ...factory import NORM_NAMES, is_batch_norm
-from ...models import ARCHS
-from ..data import DATA_SOURCES
+from ...models import ARCH_TASKS, ARCHS
+from ..data import DATA_SOURCES, DATA_TASKS
 
 SCHEDULES = ("cosine", "step", "constant")
+TASKS = ("classification", "segmentation")
+
+
+#: The input side of the data sources that have one, when --image-size is not given.
+DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "fashion-scenes": 96}
+#: The architecture of a task when --arch is not given.
+DEFAULT_ARCH = {"classification": "resnet_small", "segmentation": "fpn_resnet_small"}
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -24,12 +31,13 @@ STATS_LOG = "batch_stats.csv.gz"
 
 #: Every key of a training configuration and its default (``mabn train --help`` documents them).
 DEFAULTS: dict[str, Any] = {
+    "task": None,
     "data": "fashion-mnist",
     "data_dir": None,
     "limit_train": None,
     "limit_test": None,
-    "image_size": 224,
-    "arch": "resnet_small",
+    "image_size": None,
+    "arch": None,
     "depth": None,
     "width": None,
     "norm": "bn",
@@ -37,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
     "conv": "none",
     "batch_size": 32,
     "norm_batch_size": None,
+    "accumulate": 1,
+    "sync_norm": False,
+    "checkpoint_activations": False,
     "epochs": 5,
     "max_steps": None,
     "lr": 0.05,
@@ -84,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``mabn train`` to ``parser``."""
     d = DEFAULTS
     g = parser.add_argument_group("data")
+    g.add_argument(
+        "--task",
+        default=None,
+        choices=TASKS,
+        help="classification (top-1 error) or segmentation (pixel cross-entropy, mean IoU); default: the data's",
+    )
     g.add_argument("--data", default=d["data"], help=f"data source: {', '.join(DATA_SOURCES)} (default: %(default)s)")
     g.add_argument(
         "--data-dir",
@@ -93,12 +110,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--limit-train", type=int, default=None, help="use only this many training samples")
     g.add_argument("--limit-test", type=int, default=None, help="use only this many test samples")
-    g.add_argument("--image-size", type=int, default=d["image_size"], help="imagefolder input size (default: 224)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side: imagefolder crops (default: 224), fashion-scenes canvas (default: 96)",
+    )
     g.add_argument("--workers", type=int, default=0, help="imagefolder decoding processes (default: 0)")
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default=d["arch"], help=f"{', '.join(ARCHS)} (default: %(default)s)")
-    g.add_argument("--depth", type=int, default=None, help="resnet_small: basic blocks per stage")
-    g.add_argument("--width", type=int, default=None, help="resnet_small: channels of the first stage")
+    g.add_argument(
+        "--arch",
+        default=None,
+        help=f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation)",
+    )
+    g.add_argument("--depth", type=int, default=None, help="resnet_small, fpn_resnet_small: basic blocks per stage")
+    g.add_argument(
+        "--width", type=int, default=None, help="resnet_small, fpn_resnet_small: channels of the first stage"
+    )
     g.add_argument(
         "--norm",
         default=d["norm"],
@@ -116,8 +144,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--conv",
         default=d["conv"],
+        choices=CONV_CHOICES,
         help="convolutions: none (plain) or centralized (weight centralization, the paper's WC); "
         "default: none. The reproduction grids set it explicitly (WC for MABN).",
+    )
+    g.add_argument(
+        "--sync-norm",
+        action="store_true",
+        help="under torchrun: sync the normalization statistics over the processes (each normalization "
+        "group is the union of the matching groups of every process; SyncBatchNorm for bn, on gloo too)",
+    )
+    g.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="recompute each stage's activations in the backward pass (mabn.checkpoint: the recomputation "
+        "reuses the statistics of the forward) to save memory",
     )
     g = parser.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="gradient batch per process (default: 32)")
@@ -125,7 +166,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--norm-batch-size",
         type=int,
         default=None,
-        help="samples per normalization group; must divide --batch-size (default: the whole batch)",
+        help="samples per normalization group; must divide the micro-batch --batch-size / --accumulate "
+        "(default: the whole micro-batch)",
+    )
+    g.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="K",
+        help="gradient accumulation: K micro-batches of --batch-size / K samples per optimizer step; the "
+        "normalization statistics stream through them as through one batch (default: 1)",
     )
     g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
     g.add_argument(
@@ -199,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--milestones expects comma-separated epochs, got {args.milestones!r}") from None
     config = dict(DEFAULTS)
     config.update(
+        task=args.task,
         data=args.data,
         data_dir=args.data_dir,
         limit_train=args.limit_train,
@@ -212,6 +263,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         conv=args.conv,
         batch_size=args.batch_size,
         norm_batch_size=args.norm_batch_size,
+        accumulate=args.accumulate,
+        sync_norm=args.sync_norm,
+        checkpoint_activations=args.checkpoint_activations,
         epochs=args.epochs,
         max_steps=args.max_steps,
         lr=args.lr,
@@ -237,51 +291,28 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate a training configuration; return it completed with :data:`DEFAULTS`.
+    """Validate a training configuration; return it completed with :data:`DEFAULTS` and resolved.
+
+    ``task`` (None: the data's), ``arch`` (None: the task's default) and ``image_size`` (None: the
+    data source's default) are filled in.
 
     Raises:
-        ValueError: an unknown key, data source, architecture, convolution or schedule, a
-            non-positive size, or a normalization batch that does not divide the gradient batch.
+        ValueError: an unknown key or choice, a task the data or the model cannot do, a non-positive
+            size, or batch sizes that do not divide each other (the message names the values).
     """
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
     c = {**DEFAULTS, **config}
-    if c["data"] not in DATA_SOURCES:
-        raise ValueError(f"unknown data source {c['data']!r}; choose one of {', '.join(DATA_SOURCES)}")
-    if c["arch"] not in ARCHS:
-        raise ValueError(f"unknown --arch {c['arch']!r}; choose one of {', '.join(ARCHS)}")
-    if c["arch"] != "resnet_small" and (c["depth"] is not None or c["width"] is not None):
-        raise ValueError(f"--depth and --width apply to resnet_small only, not to {c['arch']}")
-    if c["conv"] not in CONV_CHOICES:
-        raise ValueError(f"unknown --conv {c['conv']!r}; choose one of {', '.join(CONV_CHOICES)}")
-    if c["schedule"] not in SCHEDULES:
-        raise ValueError(f"unknown --schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
-    if c["device"] not in ("auto", "cpu", "cuda") and not str(c["device"]).startswith("cuda:"):
-        raise ValueError(f"unknown --device {c['device']!r}; choose auto, cpu or cuda")
-    for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "image_size"):
-        if not isinstance(c[key], int) or c[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
-    for key in ("depth", "width", "threads", "limit_train", "limit_test", "max_steps", "monitor_every"):
-        if c[key] is not None and (not isinstance(c[key], int) or c[key] < 1):
-            raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
-    if not isinstance(c["workers"], int) or c["workers"] < 0:
-        raise ValueError(f"workers must be >= 0, got {c['workers']!r}")
-    for key in ("lr", "weight_decay", "warmup_epochs", "lr_gamma"):
-        if not isinstance(c[key], (int, float)) or not math.isfinite(c[key]) or c[key] < 0:
-            raise ValueError(f"{key} must be a finite number >= 0, got {c[key]!r}")
-    if c["warmup_epochs"] > c["epochs"]:
-        raise ValueError(f"--warmup-epochs {c['warmup_epochs']} exceeds --epochs {c['epochs']}")
-    b = c["norm_batch_size"]
-    if b is not None:
-        if not is_batch_norm(c["norm"]):
-            raise ValueError(f"--norm-batch-size does not apply to the per-sample normalization {c['norm']!r}")
-        if not isinstance(b, int) or b < 1:
-            raise ValueError(f"--norm-batch-size must be a positive integer, got {b!r}")
-        if c["batch_size"] % b:
-            raise ValueError(f"--norm-batch-size {b} does not divide --batch-size {c['batch_size']}")
-    if not isinstance(c["norm_opts"], dict):
-        raise ValueError(f"norm_opts must be a dict, got {c['norm_opts']!r}")
+    _check_choices(c)
+    _check_task(c)
+    _check_numbers(c)
+    _check_batches(c)
+    c["image_size"] = c["image_size"] or DEFAULT_IMAGE_SIZE.get(c["data"])
+    if c["monitor_every"] is not None and c["accumulate"] > 1:
+        raise ValueError(
+            "--monitor-every counts training calls, not optimizer steps: it cannot be used with --accumulate"
+        )
     layers = c["monitor_layers"]
     if layers is not None:
         if c["monitor_every"] is None:
@@ -291,11 +322,88 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+def _check_choices(c: dict[str, Any]) -> None:
+    if c["data"] not in DATA_SOURCES:
+        raise ValueError(f"unknown data source {c['data']!r}; choose one of {', '.join(DATA_SOURCES)}")
+    if c["arch"] is not None and c["arch"] not in ARCHS:
+        raise ValueError(f"unknown --arch {c['arch']!r}; choose one of {', '.join(ARCHS)}")
+    if c["conv"] not in CONV_CHOICES:
+        raise ValueError(f"unknown --conv {c['conv']!r}; choose one of {', '.join(CONV_CHOICES)}")
+    if c["schedule"] not in SCHEDULES:
+        raise ValueError(f"unknown --schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
+    if c["device"] not in ("auto", "cpu", "cuda") and not str(c["device"]).startswith("cuda:"):
+        raise ValueError(f"unknown --device {c['device']!r}; choose auto, cpu or cuda")
+    if not isinstance(c["norm_opts"], dict):
+        raise ValueError(f"norm_opts must be a dict, got {c['norm_opts']!r}")
+    for key in ("sync_norm", "checkpoint_activations"):
+        if not isinstance(c[key], bool):
+            raise ValueError(f"{key} must be true or false, got {c[key]!r}")
+
+
+def _check_task(c: dict[str, Any]) -> None:
+    """Resolve the task and the architecture; the data and the model must both do the task."""
+    task = DATA_TASKS[c["data"]]
+    if c["task"] is not None and c["task"] not in TASKS:
+        raise ValueError(f"unknown --task {c['task']!r}; choose one of {', '.join(TASKS)}")
+    if c["task"] is not None and c["task"] != task:
+        raise ValueError(f"--task {c['task']} with --data {c['data']}: that data source is for {task}")
+    c["task"] = task
+    c["arch"] = c["arch"] or DEFAULT_ARCH[task]
+    if ARCH_TASKS[c["arch"]] != task:
+        what = "a segmentation head" if task == "segmentation" else "a classifier"
+        raise ValueError(f"--arch {c['arch']} has no {what.split(' ', 1)[1]}: --task {task} needs {what}")
+    if c["arch"] not in ("resnet_small", "fpn_resnet_small") and (c["depth"] is not None or c["width"] is not None):
+        raise ValueError(f"--depth and --width apply to resnet_small and fpn_resnet_small only, not to {c['arch']}")
+
+
+def _check_numbers(c: dict[str, Any]) -> None:
+    for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "accumulate"):
+        if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
+    for key in ("depth", "width", "threads", "limit_train", "limit_test", "max_steps", "monitor_every", "image_size"):
+        if c[key] is not None and (not isinstance(c[key], int) or c[key] < 1):
+            raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
+    if not isinstance(c["workers"], int) or c["workers"] < 0:
+        raise ValueError(f"workers must be >= 0, got {c['workers']!r}")
+    for key in ("lr", "weight_decay", "warmup_epochs", "lr_gamma"):
+        if not isinstance(c[key], (int, float)) or not math.isfinite(c[key]) or c[key] < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {c[key]!r}")
+    if c["warmup_epochs"] > c["epochs"]:
+        raise ValueError(f"--warmup-epochs {c['warmup_epochs']} exceeds --epochs {c['epochs']}")
+
+
+def _check_batches(c: dict[str, Any]) -> None:
+    """Gradient batch = accumulate x micro-batch; the normalization batch divides the micro-batch."""
+    k, batch = c["accumulate"], c["batch_size"]
+    if batch % k:
+        raise ValueError(f"--accumulate {k} does not divide --batch-size {batch} into equal micro-batches")
+    micro = batch // k
+    b = c["norm_batch_size"]
+    per_sample = not is_batch_norm(c["norm"])
+    if c["sync_norm"] and per_sample:
+        raise ValueError(f"--sync-norm does not apply to the per-sample normalization {c['norm']!r}")
+    if b is None:
+        return
+    if per_sample:
+        raise ValueError(f"--norm-batch-size does not apply to the per-sample normalization {c['norm']!r}")
+    if not isinstance(b, int) or b < 1:
+        raise ValueError(f"--norm-batch-size must be a positive integer, got {b!r}")
+    if micro % b:
+        if k == 1:
+            raise ValueError(f"--norm-batch-size {b} does not divide --batch-size {batch}")
+        raise ValueError(
+            f"--norm-batch-size {b} does not divide the micro-batch of {micro} samples "
+            f"(--batch-size {batch} / --accumulate {k})"
+        )
+
+
 def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> dict[str, Any]:
     """The ``mabn.models.build_model`` configuration of a training configuration."""
     norm_kwargs = dict(config["norm_opts"])
     if config["norm_batch_size"] is not None:
         norm_kwargs["norm_batch_size"] = config["norm_batch_size"]
+    if config["accumulate"] > 1 and is_batch_norm(config["norm"]):
+        norm_kwargs["accumulate"] = config["accumulate"]
     mc: dict[str, Any] = {
         "arch": config["arch"],
         "num_classes": num_classes,

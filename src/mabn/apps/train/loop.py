@@ -1,10 +1,11 @@
-"""Train a ResNet with any normalization layer on Fashion-MNIST, an ImageFolder tree or synthetic data.
+"""Train a classifier or a segmentation model with any normalization layer (the loop of ``mabn train``).
 
 ``mabn train`` (or ``python -m mabn train``; under ``torchrun`` it trains with
 DistributedDataParallel) builds ``mabn.models.build_model(model_config)`` with the chosen
 normalization preset, trains it with SGD (momentum 0.9) under a cosine or step schedule with linear
-warm-up (or a constant rate), and evaluates the top-1 test error of the model and of its folded inference form
-(``mabn.fold``). The output directory receives:
+warm-up (or a constant rate), and evaluates the model and its folded inference form (``mabn.fold``)
+on the test split: top-1 error for classification, mean IoU and pixel accuracy for segmentation
+(``--task segmentation --data fashion-scenes``). The output directory receives:
 
 * ``config.json``: the full configuration of the run;
 * ``metrics.jsonl``: one JSON line per epoch (loss, errors, learning rate, time, images/s);
@@ -18,7 +19,9 @@ warm-up (or a constant rate), and evaluates the top-1 test error of the model an
   with each checkpoint; ``mabn stats --log`` plots it.
 
 Batch sizes are per process: ``--batch-size`` is the gradient batch of one process (one GPU in the
-paper's protocol), split into groups of ``--norm-batch-size`` samples for batch statistics.
+paper's protocol), split into ``--accumulate`` micro-batches (one forward and backward each) and
+those into groups of ``--norm-batch-size`` samples for batch statistics. ``--sync-norm`` syncs the
+statistics over the processes; ``--checkpoint-activations`` recomputes each stage in the backward.
 
 Example::
 
@@ -29,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import json
@@ -44,7 +48,7 @@ import torch
 from torch import nn
 
 from ...checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
-from ..data import DataSource, make_source
+from ..data import make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
 from .config import (
     CHECKPOINT,
@@ -58,8 +62,9 @@ from .config import (
     model_config,
 )
 from .distributed import Distributed, select_device
+from .evaluate import evaluate, evaluate_folded, task_loss
 
-__all__ = ["train", "run_or_resume", "learning_rate", "evaluate", "evaluate_folded"]
+__all__ = ["train", "run_or_resume", "learning_rate"]
 
 
 def learning_rate(config: dict[str, Any], step: int, steps_per_epoch: int) -> float:
@@ -79,47 +84,41 @@ def learning_rate(config: dict[str, Any], step: int, steps_per_epoch: int) -> fl
     return base * config["lr_gamma"] ** sum(epoch >= m for m in milestones)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, source: DataSource, batch_size: int, device: torch.device, workers: int = 0) -> float:
-    """Top-1 error in percent of ``model`` (put in eval mode, restored after) on the test split."""
-    was_training = model.training
-    model.eval()
-    wrong = total = 0
-    try:
-        for x, y in source.test_batches(batch_size, workers):
-            pred = model(x.to(device)).argmax(1).cpu()
-            wrong += int((pred != y).sum())
-            total += y.numel()
-    finally:
-        model.train(was_training)
-    return 100.0 * wrong / max(total, 1)
-
-
-def evaluate_folded(
-    model: nn.Module, source: DataSource, batch_size: int, device: torch.device, workers: int = 0
-) -> tuple[float | None, str | None]:
-    """Top-1 error of ``mabn.fold`` of the eval model, or (None, reason) when folding is unavailable."""
-    try:
-        from ...fold import fold
-    except ImportError:
-        return None, "mabn.fold is not available"
-    was_training = model.training
-    model.eval()
-    try:
-        folded = fold(model)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        return None, f"fold failed: {exc}"
-    finally:
-        model.train(was_training)
-    return evaluate(folded, source, batch_size, device, workers), None
-
-
 def _log(rank: int, message: str) -> None:
     if rank == 0:
         print(message, flush=True)
 
 
-# ---- the trainer --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    """The state of one training run while it is going."""
+
+    config: dict[str, Any]
+    out: Path
+    ddp: Distributed
+    device: torch.device
+    source: Any
+    mc: dict[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    epoch: int = 0
+    step: int = 0
+    wall_time: float = 0.0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    diverged: bool = False
+    net: nn.Module | None = None
+    sampler: Any = None
+    monitor: Any = None
+
+    @property
+    def max_steps(self) -> int:
+        c = self.config
+        return c["max_steps"] if c["max_steps"] is not None else c["epochs"] * self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config["epochs"] or self.step >= self.max_steps or self.diverged
 
 
 def train(
@@ -141,8 +140,10 @@ def train(
         progress: show a tqdm progress bar (default: when stderr is a terminal).
 
     Returns:
-        ``{"error", "error_folded", "epochs", "wall_time_s", "train_time_per_epoch_s", "diverged",
-        "param_digest", ...}`` (``"stopped": True`` and no errors when stopped early).
+        ``{"error", "error_folded"}`` (classification) or ``{"miou", "pixel_acc", "miou_folded",
+        "pixel_acc_folded"}`` (segmentation), with ``"epochs", "wall_time_s",
+        "train_time_per_epoch_s", "diverged", "param_digest", ...`` (``"stopped": True`` and no
+        metrics when stopped early).
 
     Raises:
         ValueError, FileNotFoundError: bad configuration, missing data, an output directory that
@@ -156,26 +157,47 @@ def train(
         True
     """
     config = check_config(config)
-    out = Path(config["out"])
-    ckpt_path = out / CHECKPOINT
-    ddp = Distributed()
-    device = select_device(config["device"], ddp.local_rank)
-
-    # Everything that can fail on user input is checked before a single file is written.
-    ckpt = None
-    if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"no checkpoint {ckpt_path} to resume from")
-        ckpt = load_checkpoint(ckpt_path, training=True)
-        if ckpt.get("world_size", 1) != ddp.world:
-            raise ValueError(f"{ckpt_path} was written by {ckpt.get('world_size', 1)} processes, not {ddp.world}")
-        diffs = config_differences(ckpt["config"], config)
-        if diffs:
-            raise ValueError(f"--resume with a different configuration than {ckpt_path}: {'; '.join(diffs)}")
-    elif not overwrite and (ckpt_path.exists() or (out / RESULT).exists()):
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite, or another --out")
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
+    ckpt = _checkpoint_to_resume(config, resume, overwrite)
+    run = _open(config, ckpt)
+    try:
+        _start(run, fresh=ckpt is None)
+        show = (progress if progress is not None else sys.stderr.isatty()) and run.ddp.rank == 0
+        _log(run.ddp.rank, _header(run))
+        while not run.done and (stop_after is None or run.epoch < stop_after):
+            _epoch(run, show)
+        return _finish(run)
+    finally:
+        if run.monitor is not None:
+            run.monitor.remove()
+        run.ddp.close()
+
+
+def _checkpoint_to_resume(config: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues (checked against the configuration), or None for a new run."""
+    out = Path(config["out"])
+    path = out / CHECKPOINT
+    world = Distributed().world
+    if not resume:
+        if not overwrite and (path.exists() or (out / RESULT).exists()):
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite, or another --out")
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path} to resume from")
+    ckpt = load_checkpoint(path, training=True)
+    if ckpt.get("world_size", 1) != world:
+        raise ValueError(f"{path} was written by {ckpt.get('world_size', 1)} processes, not {world}")
+    diffs = config_differences(ckpt["config"], config)
+    if diffs:
+        raise ValueError(f"--resume with a different configuration than {path}: {'; '.join(diffs)}")
+    return ckpt
+
+
+def _open(config: dict[str, Any], ckpt: dict[str, Any] | None) -> _Run:
+    """Data, model and optimizer of the run, restored from ``ckpt`` when resuming (no file written yet)."""
+    ddp = Distributed()
+    device = select_device(config["device"], ddp.local_rank)
     source = make_source(
         config["data"], config["data_dir"], config["limit_train"], config["limit_test"], config["image_size"]
     )
@@ -185,6 +207,10 @@ def train(
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
     model = build_model(mc).to(device)
+    if config["checkpoint_activations"]:
+        if not hasattr(model, "checkpoint_stages"):
+            raise ValueError(f"--checkpoint-activations: {config['arch']} has no stages to checkpoint")
+        model.checkpoint_stages = True
     steps_per_epoch = (source.num_train // ddp.world) // config["batch_size"]
     if steps_per_epoch < 1:
         raise ValueError(
@@ -197,160 +223,184 @@ def train(
         nesterov=config["nesterov"],
         weight_decay=config["weight_decay"],
     )
-    start_epoch, step, wall_time, history, diverged = 0, 0, 0.0, [], False
+    run = _Run(config, Path(config["out"]), ddp, device, source, mc, model, optimizer, steps_per_epoch)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        wall_time, history = float(ckpt.get("wall_time", 0.0)), list(ckpt.get("history", []))
-        diverged = bool(ckpt.get("diverged", False))
+        run.epoch, run.step = int(ckpt["epoch"]), int(ckpt["step"])
+        run.wall_time, run.history = float(ckpt.get("wall_time", 0.0)), list(ckpt.get("history", []))
+        run.diverged = bool(ckpt.get("diverged", False))
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(_to_tuple(ckpt["rng"]["python"]))
-
     # Every process builds the monitor, so that a bad layer name fails on all of them alike; rank 0 keeps it.
-    monitor = _make_monitor(model, config, out if ddp.rank == 0 else None, step if ckpt is not None else None)
-    if monitor is not None and ddp.rank != 0:
-        monitor.remove()
-        monitor = None
+    run.monitor = _make_monitor(model, config, run.out if ddp.rank == 0 else None, run.step if ckpt else None)
+    if run.monitor is not None and ddp.rank != 0:
+        run.monitor.remove()
+        run.monitor = None
+    return run
 
+
+def _start(run: _Run, fresh: bool) -> None:
+    """Output files, the process group, DDP (with synced norms on request) and the data sampler."""
+    config, out, ddp = run.config, run.out, run.ddp
     if ddp.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            write_json(out / CONFIG, {"train": config, "model_config": mc, "world_size": ddp.world})
+        if fresh:
+            write_json(out / CONFIG, {"train": config, "model_config": run.mc, "world_size": ddp.world})
             for stale in (RESULT, METRICS, STATS_LOG):
                 with contextlib.suppress(FileNotFoundError):
                     (out / stale).unlink()
         # metrics.jsonl always mirrors the checkpoint's history (a kill may have cut it short).
-        atomic_write(out / METRICS, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
-
-    ddp.init(device)
-    net: nn.Module = model
+        atomic_write(out / METRICS, lambda f: f.write("".join(json.dumps(h) + "\n" for h in run.history).encode()))
+    ddp.init(run.device)
+    run.net = run.model
     if ddp.active:
-        # broadcast_buffers=False: each process keeps the normalization statistics of its own batches.
+        if config["sync_norm"]:
+            import torch.distributed as dist
+
+            from ...convert import convert_model
+
+            # The same layers (parameters, statistics, settings), with their statistics synced.
+            convert_model(run.model, config["norm"], process_group=dist.group.WORLD)
+        # broadcast_buffers=False: each process keeps its normalization statistics (identical when synced).
         with warnings.catch_warnings():
             # torch 2.13 flags broadcast_buffers as deprecated but still advises it for rank-local buffers.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            run.net = nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False
             )
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(
-        range(source.num_train),
+    run.sampler = DistributedSampler(
+        range(run.source.num_train),
         num_replicas=ddp.world,
         rank=ddp.rank,
         shuffle=True,
         seed=config["seed"],
         drop_last=True,
     )
-    show = progress if progress is not None else sys.stderr.isatty()
-    show = show and ddp.rank == 0
-    _log(
-        ddp.rank,
-        f"training {config['arch']} with norm {config['norm']!r} (normalization batch "
-        f"{config['norm_batch_size'] or config['batch_size']}, conv {config['conv']}) on {source.name}: "
-        f"{source.num_train} images, {config['epochs']} epochs x {steps_per_epoch} steps of "
-        f"{config['batch_size']} x {ddp.world} process(es)"
-        + (f", ending after step {config['max_steps']}" if config["max_steps"] is not None else "")
-        + f", out {out}",
+
+
+def _header(run: _Run) -> str:
+    c = run.config
+    micro = c["batch_size"] // c["accumulate"]
+    parts = [
+        f"training {c['arch']} ({c['task']}) with norm {c['norm']!r} (normalization batch {c['norm_batch_size'] or micro}"
+        + (", synced" if c["sync_norm"] and run.ddp.active else "")
+        + f", conv {c['conv']}) on {run.source.name}: {run.source.num_train} images, {c['epochs']} epochs x "
+        f"{run.steps_per_epoch} steps of {c['batch_size']} x {run.ddp.world} process(es)"
+    ]
+    if c["accumulate"] > 1:
+        parts.append(f"{c['accumulate']} micro-batches of {micro} per step")
+    if c["max_steps"] is not None:
+        parts.append(f"ending after step {c['max_steps']}")
+    return ", ".join(parts) + f", out {run.out}"
+
+
+def _epoch(run: _Run, show: bool) -> None:
+    """Train one epoch (or up to max_steps), evaluate when due, write the checkpoint and the metrics line."""
+    config, ddp = run.config, run.ddp
+    record = _train_epoch(run, min(run.steps_per_epoch, run.max_steps - run.step), show)
+    run.diverged = record["diverged"]
+    run.step += record["steps"]
+    run.epoch += 1
+    if ddp.rank == 0 and (run.done or run.epoch % config["eval_every"] == 0):
+        t0 = time.perf_counter()
+        args = (run.source, config["eval_batch_size"], run.device, config["workers"])
+        record.update({f"test_{k}": v for k, v in evaluate(run.model, *args).items()})
+        if run.done:
+            folded, reason = evaluate_folded(run.model, *args)
+            record.update({f"test_{k}_folded": v for k, v in (folded or {}).items()})
+            if reason:
+                record["fold_note"] = reason
+        record["eval_time_s"] = time.perf_counter() - t0
+    run.wall_time += record["train_time_s"] + record.get("eval_time_s", 0.0)
+    record["wall_time_s"] = run.wall_time
+    run.history.append(record)
+    if ddp.rank == 0:
+        if run.monitor is not None:
+            # Before the checkpoint: a kill in between leaves a log ahead of it, which the
+            # resumed run trims to the checkpoint's step.
+            _save_stats_log(run.monitor.records, run.out / STATS_LOG)
+        _save_checkpoint(run)
+        with open(run.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _log(ddp.rank, _epoch_line(record, config["epochs"]))
+    ddp.barrier()
+
+
+def _save_checkpoint(run: _Run) -> None:
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model_config": run.mc,
+            "model": run.model.state_dict(),
+            "epoch": run.epoch,
+            "step": run.step,
+            "optimizer": run.optimizer.state_dict(),
+            "schedule": {"kind": run.config["schedule"], "step": run.step, "steps_per_epoch": run.steps_per_epoch},
+            "rng": {"torch": torch.get_rng_state(), "python": list(_to_list(random.getstate()))},
+            "config": run.config,
+            "history": run.history,
+            "wall_time": run.wall_time,
+            "diverged": run.diverged,
+            "world_size": run.ddp.world,
+        },
+        run.out / CHECKPOINT,
     )
-    epoch = start_epoch
-    max_steps = config["max_steps"] if config["max_steps"] is not None else config["epochs"] * steps_per_epoch
-    try:
-        while epoch < config["epochs"] and step < max_steps and not diverged:
-            if stop_after is not None and epoch >= stop_after:
-                break
-            record, diverged = _train_epoch(
-                net, model, optimizer, source, sampler, config, epoch, step, min(steps_per_epoch, max_steps - step),
-                steps_per_epoch, device, ddp, show,
-            )  # fmt: skip
-            step += record["steps"]
-            epoch += 1
-            last = epoch == config["epochs"] or step >= max_steps or diverged
-            if ddp.rank == 0 and (last or epoch % config["eval_every"] == 0):
-                t0 = time.perf_counter()
-                record["test_error"] = evaluate(model, source, config["eval_batch_size"], device, config["workers"])
-                if last:
-                    folded, reason = evaluate_folded(
-                        model, source, config["eval_batch_size"], device, config["workers"]
-                    )
-                    record["test_error_folded"] = folded
-                    if reason:
-                        record["fold_note"] = reason
-                record["eval_time_s"] = time.perf_counter() - t0
-            wall_time += record["train_time_s"] + record.get("eval_time_s", 0.0)
-            record["wall_time_s"] = wall_time
-            history.append(record)
-            if ddp.rank == 0:
-                if monitor is not None:
-                    # Before the checkpoint: a kill in between leaves a log ahead of it, which the
-                    # resumed run trims to the checkpoint's step.
-                    _save_stats_log(monitor.records, out / STATS_LOG)
-                atomic_save(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "version": CHECKPOINT_VERSION,
-                        "model_config": mc,
-                        "model": model.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": {"kind": config["schedule"], "step": step, "steps_per_epoch": steps_per_epoch},
-                        "rng": {"torch": torch.get_rng_state(), "python": list(_to_list(random.getstate()))},
-                        "config": config,
-                        "history": history,
-                        "wall_time": wall_time,
-                        "diverged": diverged,
-                        "world_size": ddp.world,
-                    },
-                    ckpt_path,
-                )
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                _log(ddp.rank, _epoch_line(record, config["epochs"]))
-            ddp.barrier()
-        done = epoch >= config["epochs"] or step >= max_steps or diverged
-        digest = param_digest(model)
-        if ddp.active:
-            # Every process leaves its digest: equal digests prove the replicas stayed in sync.
-            # The second line digests the buffers, which stay each process's own (broadcast_buffers=False).
-            (out / f"params-rank{ddp.rank}.sha256").write_text(f"{digest}\n{buffer_digest(model)}\n")
-        if not done:
-            _log(ddp.rank, f"stopped after epoch {epoch}; continue with --resume")
-            return {"stopped": True, "epochs_done": epoch, "param_digest": digest}
-        final = history[-1] if history else {}
-        train_times = [h["train_time_s"] for h in history if h.get("steps") == steps_per_epoch]
-        result = {
-            "error": final.get("test_error"),
-            "error_folded": final.get("test_error_folded"),
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """The result of a finished run (written to result.json), or a note that it stopped early."""
+    config, ddp = run.config, run.ddp
+    digest = param_digest(run.model)
+    if ddp.active:
+        # Every process leaves its digest: equal digests prove the replicas stayed in sync. The second
+        # line digests the buffers (each process's own statistics, identical only when synced).
+        (run.out / f"params-rank{ddp.rank}.sha256").write_text(f"{digest}\n{buffer_digest(run.model)}\n")
+    if not run.done:
+        _log(ddp.rank, f"stopped after epoch {run.epoch}; continue with --resume")
+        return {"stopped": True, "epochs_done": run.epoch, "param_digest": digest}
+    final = run.history[-1] if run.history else {}
+    train_times = [h["train_time_s"] for h in run.history if h.get("steps") == run.steps_per_epoch]
+    result = {key[5:]: value for key, value in final.items() if key.startswith("test_")}
+    if config["task"] == "classification":
+        result.setdefault("error", None)
+        result.setdefault("error_folded", None)
+    result.update(
+        {
+            "task": config["task"],
             "fold_note": final.get("fold_note"),
             "epochs": config["epochs"],
-            "epochs_done": epoch,
-            "steps": step,
-            "diverged": diverged,
+            "epochs_done": run.epoch,
+            "steps": run.step,
+            "diverged": run.diverged,
             "final_train_loss": final.get("train_loss"),
-            "wall_time_s": wall_time,
+            "wall_time_s": run.wall_time,
             "train_time_per_epoch_s": sum(train_times) / len(train_times) if train_times else None,
             "images_per_s": final.get("images_per_s"),
             "param_digest": digest,
             "world_size": ddp.world,
             "config": config,
         }
-        if ddp.rank == 0:
-            write_json(out / RESULT, result)
-            err, fold_err = result["error"], result["error_folded"]
-            _log(
-                ddp.rank,
-                f"done: test error {err:.2f} %"
-                + (f", folded {fold_err:.2f} %" if fold_err is not None else f" (folded: {result['fold_note']})")
-                + (" (diverged)" if diverged else "")
-                + f", {wall_time:.0f} s",
-            )
-        return result
-    finally:
-        if monitor is not None:
-            monitor.remove()
-        ddp.close()
+    )
+    if ddp.rank == 0:
+        write_json(run.out / RESULT, result)
+        _log(ddp.rank, _done_line(result, run.wall_time))
+    return result
+
+
+def _done_line(result: dict[str, Any], wall_time: float) -> str:
+    if result["task"] == "segmentation":
+        text = f"done: test mIoU {result.get('miou', float('nan')):.2f} %, pixel accuracy {result.get('pixel_acc', float('nan')):.2f} %"
+        folded = result.get("miou_folded")
+        text += f", folded mIoU {folded:.2f} %" if folded is not None else f" (folded: {result['fold_note']})"
+    else:
+        err, fold_err = result["error"], result["error_folded"]
+        text = f"done: test error {err:.2f} %"
+        text += f", folded {fold_err:.2f} %" if fold_err is not None else f" (folded: {result['fold_note']})"
+    return text + (" (diverged)" if result["diverged"] else "") + f", {wall_time:.0f} s"
 
 
 def _make_monitor(model: nn.Module, config: dict[str, Any], out: Path | None, resumed_step: int | None) -> Any:
@@ -421,54 +471,52 @@ def _to_tuple(obj: Any) -> Any:
     return tuple(_to_tuple(o) for o in obj) if isinstance(obj, (tuple, list)) else obj
 
 
-def _train_epoch(
-    net: nn.Module,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    source: DataSource,
-    sampler: Any,
-    config: dict[str, Any],
-    epoch: int,
-    step: int,
-    steps: int,
-    steps_per_epoch: int,
-    device: torch.device,
-    ddp: Distributed,
-    show: bool,
-) -> tuple[dict[str, Any], bool]:
-    """Train ``steps`` (<= ``steps_per_epoch``) steps of epoch ``epoch``; return its record and divergence."""
+def _micro_batches(x: torch.Tensor, y: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``k`` consecutive micro-batches of a gradient batch."""
+    return list(zip(x.chunk(k), y.chunk(k)))
+
+
+def _train_epoch(run: _Run, steps: int, show: bool) -> dict[str, Any]:
+    """Train ``steps`` (<= steps per epoch) optimizer steps of the current epoch; return its record."""
     from tqdm import tqdm
 
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), dtype=torch.long)
+    config, ddp, epoch, k = run.config, run.ddp, run.epoch, run.config["accumulate"]
+    run.sampler.set_epoch(epoch)
+    order = torch.tensor(list(run.sampler), dtype=torch.long)
     batches = order[: steps * config["batch_size"]].view(steps, config["batch_size"])
     # The augmentation seed depends on (seed, epoch, rank) only, so a resumed run sees the same data.
     aug_seed = (config["seed"] * 100_003 + epoch) * 1_009 + ddp.rank
-    net.train()
+    run.net.train()
     loss_sum = wrong = seen = 0.0
     diverged = False
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not show, leave=False)
     t0 = time.perf_counter()
     done = 0
     window_loss, window_n = 0.0, 0
-    for x, y in source.train_batches(batches, aug_seed, config["workers"]):
-        lr = learning_rate(config, step + done, steps_per_epoch)
-        for group in optimizer.param_groups:
+    for x, y in run.source.train_batches(batches, aug_seed, config["workers"]):
+        lr = learning_rate(config, run.step + done, run.steps_per_epoch)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = net(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        value = ddp.mean(float(loss.detach()))
+        run.optimizer.zero_grad(set_to_none=True)
+        value = 0.0
+        for i, (xm, ym) in enumerate(_micro_batches(x.to(run.device), y.to(run.device), k)):
+            # Gradients are all-reduced once per step, after the last micro-batch.
+            sync = ddp.active and i < k - 1
+            with run.net.no_sync() if sync else contextlib.nullcontext():
+                logits = run.net(xm)
+                loss = task_loss(logits, ym) / k
+                loss.backward()
+            value += float(loss.detach())
+            if config["task"] == "classification":
+                wrong += float((logits.detach().argmax(1) != ym).sum())
+                seen += ym.numel()
+        value = ddp.mean(value)
         if not math.isfinite(value):
             diverged = True  # the paper's "does not converge" rows: stop, evaluate, record it
             break
-        optimizer.step()
+        run.optimizer.step()
         done += 1
         loss_sum += value
-        wrong += float((logits.detach().argmax(1) != y).sum())
-        seen += y.numel()
         window_loss, window_n = window_loss + value, window_n + 1
         bar.update(1)
         if show and (done % 20 == 0 or done == steps):
@@ -477,23 +525,28 @@ def _train_epoch(
             window_loss, window_n = 0.0, 0
     bar.close()
     elapsed = time.perf_counter() - t0
-    record = {
+    return {
         "epoch": epoch + 1,
         "steps": done,
-        "lr": learning_rate(config, step + max(done - 1, 0), steps_per_epoch),
+        "lr": learning_rate(config, run.step + max(done - 1, 0), run.steps_per_epoch),
         "train_loss": loss_sum / done if done else None,
         "train_error": 100.0 * wrong / seen if seen else None,
         "train_time_s": elapsed,
         "images_per_s": done * config["batch_size"] * ddp.world / elapsed if elapsed > 0 else None,
         "diverged": diverged,
     }
-    return record, diverged
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}"]
     if record["train_loss"] is not None:
-        parts.append(f"loss {record['train_loss']:.4f}  train error {record['train_error']:.2f} %")
+        parts.append(f"loss {record['train_loss']:.4f}")
+    if record.get("train_error") is not None:
+        parts.append(f"train error {record['train_error']:.2f} %")
+    if record.get("test_miou") is not None:
+        parts.append(f"test mIoU {record['test_miou']:.2f} %  pixel acc {record['test_pixel_acc']:.2f} %")
+    if record.get("test_miou_folded") is not None:
+        parts.append(f"folded mIoU {record['test_miou_folded']:.2f} %")
     if record.get("test_error") is not None:
         parts.append(f"test error {record['test_error']:.2f} %")
     if record.get("test_error_folded") is not None:
