@@ -18,6 +18,7 @@ from .conv import CENTRALIZED, CONV_CHOICES, CenConv1d, CenConv2d, CenConv3d, Ce
 from .convert import convert_model, revert_model
 from .factory import NORM_NAMES, create_norm_layer
 from .fold import FoldReport, fold, to_batchnorm
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_frozen_batch_norm
 from .functional import NormState, stream_norm
 from .modules import (
     BatchRenorm1d,
@@ -34,6 +35,7 @@ from .modules import (
     MABN3d,
     StreamNorm,
 )
+from .recalibrate import recalibrate
 from .recompute import checkpoint, checkpoint_context
 
 __version__ = "0.2.0"
@@ -76,6 +78,10 @@ __all__ = [
     "GeneralBatchNorm1d",
     "GeneralBatchNorm2d",
     "GeneralBatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "is_frozen_batch_norm",
     "CenConv1d",
     "CenConv2d",
     "CenConv3d",
@@ -90,6 +96,7 @@ __all__ = [
     "fold",
     "to_batchnorm",
     "FoldReport",
+    "recalibrate",
     "export_model",
     "checkpoint",
     "checkpoint_context",

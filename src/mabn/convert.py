@@ -22,9 +22,13 @@ from torch import Tensor, nn
 from .config import NormConfig
 from .conv import CENTRALIZED, centralize_weight, check_conv
 from .factory import NORM_NAMES, NormSpec, canonical_name, create_norm_layer, norm_class, same_family
+from .frozen import is_frozen_batch_norm
 from .modules import FAMILIES, StreamNorm
 
-__all__ = ["convert_model", "revert_model", "is_norm_layer", "norm_dim"]
+__all__ = ["PRESERVE_CHOICES", "convert_model", "revert_model", "is_norm_layer", "norm_dim"]
+
+#: What :func:`convert_model` keeps when a centered layer (BatchNorm) becomes an uncentered one (MABN).
+PRESERVE_CHOICES = ("statistics", "function")
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _TORCH_BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -38,16 +42,23 @@ _CONFIG_KEYS = tuple(
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for the layers :func:`convert_model` replaces: torch's BatchNorm*d, SyncBatchNorm, this package's."""
-    return isinstance(module, (*_TORCH_BN, StreamNorm))
+    """True for the layers :func:`convert_model` replaces: torch's BatchNorm*d, SyncBatchNorm, this
+    package's, and frozen BatchNorms of any library (:func:`mabn.is_frozen_batch_norm`)."""
+    return isinstance(module, (*_TORCH_BN, StreamNorm)) or is_frozen_batch_norm(module)
 
 
 def norm_dim(module: nn.Module) -> int | None:
-    """1, 2 or 3 for a layer of a 1/2/3-D family (BatchNorm2d -> 2, MABN1d -> 1), else None."""
+    """1, 2 or 3 for a layer of a 1/2/3-D family (BatchNorm2d -> 2, MABN1d -> 1), else None.
+
+    Other libraries' frozen BatchNorms count by their class name (``FrozenBatchNorm2d`` -> 2).
+    """
     for cls in type(module).__mro__:
         for family in FAMILIES.values():
             if cls in family:
                 return family.index(cls) + 1
+    name = type(module).__name__
+    if is_frozen_batch_norm(module) and name[-2:] in ("1d", "2d", "3d"):
+        return int(name[-2])
     return None
 
 
@@ -56,6 +67,8 @@ def _form(module: nn.Module) -> str | None:
     if isinstance(module, StreamNorm):
         return "centered" if module.config.centered else "uncentered"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        return "centered"
+    if is_frozen_batch_norm(module):
         return "centered"
     return None
 
@@ -96,12 +109,15 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
         old, new = getattr(src, name, None), getattr(dst, name, None)
         if not isinstance(old, Tensor) or not isinstance(new, Tensor) or old.shape != new.shape:
             continue
-        if old.dtype == new.dtype and old.device == new.device and isinstance(old, nn.Parameter):
+        both = isinstance(old, nn.Parameter) and isinstance(new, nn.Parameter)
+        if both and old.dtype == new.dtype and old.device == new.device:
             setattr(dst, name, old)
         else:
+            # A frozen layer's buffers become trainable parameters and back: values only.
             with torch.no_grad():
                 new.copy_(old)
-            new.requires_grad_(old.requires_grad)
+            if both:
+                new.requires_grad_(old.requires_grad)
 
 
 def _same_structure(src: nn.Module, dst: nn.Module) -> bool:
@@ -125,13 +141,33 @@ def _windowless(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _copy_stats(src: nn.Module, dst: nn.Module) -> None:
+def _keep_function(src: nn.Module, dst: nn.Module) -> None:
+    """Seed an uncentered ``dst`` so that its evaluation map equals the centered ``src``'s.
+
+    gamma (x - mu) / sqrt(var + eps) + beta = gamma x / sqrt(R + eps) + beta' with R = var and
+    beta' = beta - gamma mu / sqrt(var + eps).
+    """
+    mean, var = src.running_mean.double(), src.running_var.double()
+    gamma = src.weight.double() if isinstance(src.weight, Tensor) else torch.ones_like(var)
+    beta = src.bias.double() if isinstance(src.bias, Tensor) else torch.zeros_like(var)
+    dst.running_var.copy_(var)
+    shift = beta - gamma * mean * torch.rsqrt(var + src.eps)
+    if dst.bias is None:
+        raise ValueError("an uncentered layer without affine parameters cannot keep a non-zero mean")
+    # A new Parameter: the source's bias keeps its value (the model is left as it was on failure).
+    dst.bias = nn.Parameter(shift.to(dst.bias.dtype), requires_grad=dst.bias.requires_grad)
+
+
+@torch.no_grad()
+def _copy_stats(src: nn.Module, dst: nn.Module, preserve: str = "statistics") -> None:
     src_form, dst_form = _form(src), _form(dst)
     if src_form is None or dst_form is None:
         return
     mean = src.running_mean
     var = src.running_var
-    if src_form == "centered" and dst_form == "uncentered":
+    if src_form == "centered" and dst_form == "uncentered" and preserve == "function":
+        _keep_function(src, dst)
+    elif src_form == "centered" and dst_form == "uncentered":
         # The second moment E[x^2] = Var[x] + E[x]^2 seeds MABN's running statistic.
         dst.running_var.copy_(var + mean * mean)
     elif src_form == "uncentered" and dst_form == "centered":
@@ -148,19 +184,38 @@ def _copy_stats(src: nn.Module, dst: nn.Module) -> None:
                 getattr(dst, name).copy_(getattr(src, name))
     # The call counter drives the warm-ups: it carries over when the new layer continues the same
     # stream, or is of the same form with no window to refill; otherwise the new stream starts at 0.
-    if _same_stream(src, dst) or (src_form == dst_form and _windowless(dst)):
+    counted = hasattr(src, "num_batches_tracked") and hasattr(dst, "num_batches_tracked")
+    if counted and (_same_stream(src, dst) or (src_form == dst_form and _windowless(dst))):
         dst.num_batches_tracked.copy_(src.num_batches_tracked)
 
 
-def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], default_dim: int) -> nn.Module:
+def _check_source(name: str, src: nn.Module, preserve: str) -> None:
+    """The errors of a layer that cannot be converted (named ``name`` in the model)."""
+    where = f"{name or 'the model'} ({type(src).__name__}({src.num_features}))"
     if isinstance(src, nn.modules.batchnorm._BatchNorm) and not src.track_running_stats:
         raise ValueError(
-            f"cannot convert {type(src).__name__}({src.num_features}) with track_running_stats=False: "
+            f"cannot convert {where} with track_running_stats=False: "
             "the layers of this package always keep running statistics"
         )
+    if preserve != "function" or _form(src) != "centered":
+        return
+    if src.training and not is_frozen_batch_norm(src):
+        raise ValueError(
+            f"preserve='function' keeps the evaluation-mode function, but {where} is in training mode; "
+            "call model.eval() first"
+        )
+    stats = [src.running_mean, src.running_var]
+    stats += [t for t in (getattr(src, "weight", None), getattr(src, "bias", None)) if isinstance(t, Tensor)]
+    if not all(bool(torch.isfinite(t).all()) for t in stats):
+        raise ValueError(f"cannot keep the function of {where}: its running statistics or parameters are not finite")
+
+
+def _convert_norm(
+    src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], default_dim: int, preserve: str = "statistics"
+) -> nn.Module:
     dim = norm_dim(src) or default_dim
     ref = src.weight if src.weight is not None else src.running_var
-    carried: dict[str, Any] = {"eps": src.eps, "affine": src.affine}
+    carried: dict[str, Any] = {"eps": getattr(src, "eps", 1e-5), "affine": getattr(src, "affine", True)}
     if ref is not None:
         carried.update(device=ref.device, dtype=ref.dtype)
     nbs = getattr(getattr(src, "config", None), "norm_batch_size", None)
@@ -174,11 +229,12 @@ def _convert_norm(src: nn.Module, norm: NormSpec, norm_kwargs: dict[str, Any], d
         new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **more, **norm_kwargs)
     same_form = _form(new) is not None and _form(new) == _form(src)
     _copy_params(src, new)
-    _copy_stats(src, new)
+    _copy_stats(src, new, preserve)
     # Same form, same meaning of the running statistics: keep the source's EMA weight. A cumulative
     # average (None) carries over only with its call count, or its first update would discard the
     # statistics just copied.
-    if "momentum" not in norm_kwargs and same_form:
+    trainable = isinstance(new, (StreamNorm, nn.modules.batchnorm._BatchNorm))
+    if "momentum" not in norm_kwargs and same_form and trainable and hasattr(src, "num_batches_tracked"):
         if src.momentum is not None or torch.equal(new.num_batches_tracked, src.num_batches_tracked):
             new.momentum = src.momentum
     return new
@@ -200,7 +256,14 @@ def _apply(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     return replacements.get(id(model), model)
 
 
-def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = None, **norm_kwargs: Any) -> nn.Module:
+def convert_model(
+    model: nn.Module,
+    norm: NormSpec = "mabn",
+    conv: str | None = None,
+    *,
+    preserve: str = "statistics",
+    **norm_kwargs: Any,
+) -> nn.Module:
     """Replace every BatchNorm of ``model`` by ``norm`` and, optionally, every conv by its centralized twin.
 
     Recursive and in place, like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. Replaced:
@@ -215,10 +278,24 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
     warm-ups, ...) between layers of this package of the same structure (e.g. MABN -> MABN with
     another ``norm_batch_size``).
 
-    Running statistics: between layers of the same form they are copied; from a centered layer (a
-    trained BatchNorm) to an uncentered one (MABN) ``running_var`` is seeded with the second moment
-    ``running_var + running_mean ** 2``; from uncentered to centered the evaluation map is kept
-    (``running_mean = 0``, ``running_var = R``). Windows and counters carry over between layers that
+    Running statistics: between layers of the same form they are copied; from uncentered to
+    centered the evaluation map is kept (``running_mean = 0``, ``running_var = R``). From a centered
+    layer (a trained BatchNorm) to an uncentered one (MABN), ``preserve`` chooses:
+
+    * ``"statistics"`` (default): ``R = running_var + running_mean ** 2``, the second moment of the
+      same activations, and the same ``bias``. The evaluation map changes (no mean is subtracted
+      any more) but the first training steps, which normalize by batch second moments, start where
+      the statistics are.
+    * ``"function"``: ``R = running_var`` and ``bias = beta - gamma * running_mean /
+      sqrt(running_var + eps)`` (a new Parameter), so the converted model computes exactly what the
+      BatchNorm model did in evaluation mode. In training the batch second moment (var + mean^2) then
+      exceeds R wherever the mean is not zero: the renormalization factor r = sqrt(chi^2 / R) is
+      clipped at ``r_max`` until the running statistics catch up. The model must be in evaluation
+      mode and the statistics finite.
+
+    Frozen BatchNorms (:class:`mabn.FrozenBatchNorm2d` and other libraries' by duck typing) count as
+    centered layers: ``norm="frozen_bn"`` freezes a model's norms into their evaluation maps, and a
+    frozen model converts back to any trainable layer. Windows and counters carry over between layers that
     run the same statistics stream. Otherwise ``num_batches_tracked`` (the count that drives the
     warm-ups) carries over to a layer of the same form without moving-average windows (BatchNorm,
     ghost BN, BRN) and starts at 0 in a layer with windows (MABN from BatchNorm), whose windows
@@ -228,7 +305,10 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
         model: the model (changed in place).
         norm: the new norm layer: a name, class or partial for :func:`mabn.create_norm_layer`.
             Default: ``"mabn"``.
-        conv: ``None`` (leave convolutions) or ``"centralized"``.
+        conv: ``None`` (leave convolutions) or ``"centralized"``. Centralizing a trained convolution
+            changes its function (the weight's per-filter mean is removed, which no bias can make up
+            for, as it scales with the input): plain convolutions keep a pretrained model's function.
+        preserve: ``"statistics"`` or ``"function"``, see above. Default: ``"statistics"``.
         **norm_kwargs: passed to every new norm layer (e.g. ``norm_batch_size=2``); ``dim`` sets
             the dimensionality used for ``nn.SyncBatchNorm`` (default 2).
 
@@ -236,8 +316,10 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
         ``model``, or the new layer when ``model`` itself is a replaced layer.
 
     Raises:
-        ValueError: unknown ``norm`` name or ``conv`` value, or a BatchNorm without running
-            statistics (``track_running_stats=False``); the model is left unchanged.
+        ValueError: unknown ``norm`` name, ``conv`` or ``preserve`` value, a BatchNorm without running
+            statistics (``track_running_stats=False``), or with ``preserve="function"`` a layer in
+            training mode or with non-finite statistics (the error names the layer); the model is
+            left unchanged.
 
     Example::
 
@@ -254,12 +336,15 @@ def convert_model(model: nn.Module, norm: NormSpec = "mabn", conv: str | None = 
     if isinstance(norm, str) and canonical_name(norm) not in NORM_NAMES:
         raise ValueError(f"unknown norm layer {norm!r}; known names: {', '.join(NORM_NAMES)}")
     conv = check_conv(conv)
+    if preserve not in PRESERVE_CHOICES:
+        raise ValueError(f"preserve must be one of {', '.join(map(repr, PRESERVE_CHOICES))}, got {preserve!r}")
     norm_kwargs = dict(norm_kwargs)
     default_dim = norm_kwargs.pop("dim", 2)
     replacements: dict[int, nn.Module] = {}
-    for module in model.modules():
+    for name, module in model.named_modules():
         if is_norm_layer(module):
-            new = _convert_norm(module, norm, norm_kwargs, default_dim)
+            _check_source(name, module, preserve)
+            new = _convert_norm(module, norm, norm_kwargs, default_dim, preserve)
         elif conv == "centralized" and type(module) in CENTRALIZED:
             new = _retype(module, CENTRALIZED[type(module)])
         else:

@@ -36,8 +36,17 @@ PER_SAMPLE_NORMS: tuple[str, ...] = ("gn", "ln", "in")
 # Presets with classes of their own (MABN*d for "mabn", ...); the others use GeneralBatchNorm*d.
 _PRESET_FAMILY = {fam[0].preset: name for name, fam in FAMILIES.items() if getattr(fam[0], "preset", None)}
 
-#: Every name :func:`create_norm_layer` accepts: the presets, ``ghost_bn`` and the per-sample norms.
-NORM_NAMES: tuple[str, ...] = ("bn", "ghost_bn", *(p for p in PRESETS if p != "bn"), *PER_SAMPLE_NORMS)
+#: Normalizations with fixed statistics (nothing computed from the batch or the sample).
+FIXED_NORMS: tuple[str, ...] = ("frozen_bn",)
+
+#: Every name :func:`create_norm_layer` accepts: the presets, ``ghost_bn``, frozen BN and the per-sample norms.
+NORM_NAMES: tuple[str, ...] = (
+    "bn",
+    "ghost_bn",
+    *(p for p in PRESETS if p != "bn"),
+    *FIXED_NORMS,
+    *PER_SAMPLE_NORMS,
+)
 
 
 def canonical_name(name: str) -> str:
@@ -47,7 +56,7 @@ def canonical_name(name: str) -> str:
 
 def is_batch_norm(norm: NormSpec) -> bool:
     """Whether a norm choice uses batch statistics (so normalization batches and syncing apply)."""
-    return not (isinstance(norm, str) and canonical_name(norm) in PER_SAMPLE_NORMS)
+    return not (isinstance(norm, str) and canonical_name(norm) in (*PER_SAMPLE_NORMS, *FIXED_NORMS))
 
 
 def norm_class(name: str, dim: int = 2, **kwargs: Any) -> type[nn.Module]:
@@ -64,6 +73,8 @@ def norm_class(name: str, dim: int = 2, **kwargs: Any) -> type[nn.Module]:
         return nn.GroupNorm
     if key == "in":
         return FAMILIES["torch_in"][dim - 1]
+    if key == "frozen_bn":
+        return FAMILIES["frozen_bn"][dim - 1]
     if key in FAMILIES and key in _PRESET_FAMILY.values():
         return FAMILIES[key][dim - 1]
     if key in PRESETS:

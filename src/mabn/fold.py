@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from .conv import CENTRALIZED, CenLinear, _CenConv
 from .convert import _finish, _retype, norm_dim, revert_model
+from .frozen import is_frozen_batch_norm
 from .modules import StreamNorm
 
 __all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
@@ -98,7 +99,7 @@ def _conv_dim(module: nn.Module) -> int | None:
 
 
 def _foldable_norm(module: nn.Module) -> bool:
-    if isinstance(module, StreamNorm):
+    if isinstance(module, StreamNorm) or is_frozen_batch_norm(module):
         return True
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
 
@@ -119,7 +120,9 @@ class _Tracer(fx.Tracer):
     """Keeps this package's layers as single calls, so they show up as modules in the graph."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (StreamNorm, _CenConv, CenLinear)) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, (StreamNorm, _CenConv, CenLinear)) or is_frozen_batch_norm(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def _unique_names(model: nn.Module) -> dict[int, str]:
@@ -394,7 +397,7 @@ def fold(
     # What is left of this package becomes plain torch layers computing the same.
     model = revert_model(model, centered_weights=True)
     for name, m in model.named_modules():
-        if isinstance(m, (*_OTHER_NORMS, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(m, (*_OTHER_NORMS, nn.modules.batchnorm._BatchNorm)) or is_frozen_batch_norm(m):
             report.unfolded.append((name, type(m).__name__, reasons.get(name) or _reason(m)))
     if report.unfolded and not return_report:
         kept = ", ".join(f"{name or '<model>'} ({cls})" for name, cls, _ in report.unfolded[:8])

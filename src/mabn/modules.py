@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ._kernels import HALF, stat_dtype
 from .config import PRESETS, NormConfig
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .functional import NormState, stream_norm
 
 __all__ = [
@@ -756,4 +757,5 @@ FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = 
     "general": (GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d),
     "torch_bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
     "torch_in": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+    "frozen_bn": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
 }

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULTS, RESULT, STATS_LOG, add_arguments, check_config, config_from_args
+from .config import (
+    CHECKPOINT,
+    DEFAULTS,
+    RESULT,
+    STATS_LOG,
+    add_arguments,
+    check_config,
+    config_from_args,
+    config_from_file,
+)
 from .evaluate import evaluate
 from .loop import learning_rate, run_or_resume, train
 
 __all__ = [
+    "CHECKPOINT",
     "DEFAULTS",
     "RESULT",
     "STATS_LOG",
@@ -25,9 +35,15 @@ __all__ = [
 ]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``mabn train``."""
-    config = config_from_args(args)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Entry point of ``mabn train`` (``parser`` resolves ``--config``)."""
+    if args.config is not None:
+        if parser is None:
+            parser = argparse.ArgumentParser()
+            add_arguments(parser)
+        config = config_from_file(args.config, args, parser)
+    else:
+        config = config_from_args(args)
     result = train(
         config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, progress=args.progress
     )
@@ -45,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run(args, parser)
     except (CLIError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"mabn train: error: {exc}", file=sys.stderr)
         return 2

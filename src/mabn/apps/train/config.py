@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ...conv import CONV_CHOICES
+from ...convert import PRESERVE_CHOICES
 from ...factory import NORM_NAMES, is_batch_norm
 from ...models import ARCH_TASKS, ARCHS
 from ..data import DATA_SOURCES, DATA_TASKS
@@ -48,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "accumulate": 1,
     "sync_norm": False,
     "checkpoint_activations": False,
+    "init": None,
+    "init_preserve": "function",
+    "freeze_norm": False,
+    "recalibrate": None,
     "epochs": 5,
     "max_steps": None,
     "lr": 0.05,
@@ -94,6 +99,13 @@ def _parse_norm_opts(items: list[str] | None) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``mabn train`` to ``parser``."""
     d = DEFAULTS
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="train the configuration in this JSON file (e.g. a run's config.json); only --out, --threads, "
+        "--device, --data-dir, --workers and --eval-batch-size may be given with it",
+    )
     g = parser.add_argument_group("data")
     g.add_argument(
         "--task",
@@ -159,6 +171,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute each stage's activations in the backward pass (mabn.checkpoint: the recomputation "
         "reuses the statistics of the forward) to save memory",
+    )
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start from the weights of a mabn train checkpoint (a classifier's become the encoder of a "
+        "segmentation model); its BatchNorms are converted to --norm",
+    )
+    g.add_argument(
+        "--init-preserve",
+        default=d["init_preserve"],
+        choices=PRESERVE_CHOICES,
+        help="BatchNorm -> MABN seeding of --init (mabn.convert_model's preserve): function (the converted "
+        "model computes what the pretrained one did) or statistics (R = var + mean^2); default: %(default)s",
+    )
+    g.add_argument(
+        "--freeze-norm",
+        action="store_true",
+        help="with --init: the pretrained (encoder's) BatchNorms become mabn.FrozenBatchNorm (fixed statistics "
+        "and affine parameters); the other norms follow --norm",
+    )
+    g.add_argument(
+        "--recalibrate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after training, re-estimate the running statistics over N training batches (mabn.recalibrate)",
     )
     g = parser.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="gradient batch per process (default: 32)")
@@ -235,6 +275,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_from_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The configuration in the JSON file ``path``, with the runtime options given on the command line."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of training options, got {type(config).__name__}")
+    given = config_from_args(args)
+    defaults = config_from_args(parser.parse_args([]))
+    extra = sorted(k for k in given if given[k] != defaults[k] and k not in RUNTIME_KEYS)
+    if extra:
+        options = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise ValueError(f"--config {path} holds the training options; {options} cannot be given with it")
+    runtime = {k: given[k] for k in RUNTIME_KEYS if given[k] != defaults[k]}
+    return {**config, **runtime}
+
+
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The training configuration (keys of :data:`DEFAULTS`) from parsed ``mabn train`` options."""
     norm_opts = _parse_norm_opts(args.norm_opt)
@@ -266,6 +325,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         accumulate=args.accumulate,
         sync_norm=args.sync_norm,
         checkpoint_activations=args.checkpoint_activations,
+        init=args.init,
+        init_preserve=args.init_preserve,
+        freeze_norm=args.freeze_norm,
+        recalibrate=args.recalibrate,
         epochs=args.epochs,
         max_steps=args.max_steps,
         lr=args.lr,
@@ -335,9 +398,15 @@ def _check_choices(c: dict[str, Any]) -> None:
         raise ValueError(f"unknown --device {c['device']!r}; choose auto, cpu or cuda")
     if not isinstance(c["norm_opts"], dict):
         raise ValueError(f"norm_opts must be a dict, got {c['norm_opts']!r}")
-    for key in ("sync_norm", "checkpoint_activations"):
+    for key in ("sync_norm", "checkpoint_activations", "freeze_norm"):
         if not isinstance(c[key], bool):
             raise ValueError(f"{key} must be true or false, got {c[key]!r}")
+    if c["init_preserve"] not in PRESERVE_CHOICES:
+        raise ValueError(f"unknown --init-preserve {c['init_preserve']!r}; choose one of {', '.join(PRESERVE_CHOICES)}")
+    if c["init"] is not None and not isinstance(c["init"], str):
+        raise ValueError(f"init must be a checkpoint path, got {c['init']!r}")
+    if c["freeze_norm"] and c["init"] is None:
+        raise ValueError("--freeze-norm freezes pretrained BatchNorms: it needs --init CKPT")
 
 
 def _check_task(c: dict[str, Any]) -> None:
@@ -360,7 +429,17 @@ def _check_numbers(c: dict[str, Any]) -> None:
     for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "accumulate"):
         if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
-    for key in ("depth", "width", "threads", "limit_train", "limit_test", "max_steps", "monitor_every", "image_size"):
+    for key in (
+        "depth",
+        "width",
+        "threads",
+        "limit_train",
+        "limit_test",
+        "max_steps",
+        "monitor_every",
+        "image_size",
+        "recalibrate",
+    ):
         if c[key] is not None and (not isinstance(c[key], int) or c[key] < 1):
             raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
     if not isinstance(c["workers"], int) or c["workers"] < 0:

@@ -63,6 +63,7 @@ from .config import (
 )
 from .distributed import Distributed, select_device
 from .evaluate import evaluate, evaluate_folded, task_loss
+from .init import load_pretrained, recalibrate_run
 
 __all__ = ["train", "run_or_resume", "learning_rate"]
 
@@ -206,7 +207,10 @@ def _open(config: dict[str, Any], ckpt: dict[str, Any] | None) -> _Run:
     mc = model_config(config, source.num_classes, source.in_channels)
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
-    model = build_model(mc).to(device)
+    model = build_model(mc)
+    if ckpt is None and config["init"] is not None:
+        _log(ddp.rank, load_pretrained(model, config, mc))
+    model = model.to(device)
     if config["checkpoint_activations"]:
         if not hasattr(model, "checkpoint_stages"):
             raise ValueError(f"--checkpoint-activations: {config['arch']} has no stages to checkpoint")
@@ -304,6 +308,10 @@ def _epoch(run: _Run, show: bool) -> None:
     run.diverged = record["diverged"]
     run.step += record["steps"]
     run.epoch += 1
+    if run.done and config["recalibrate"] and not run.diverged:
+        # Every process, so that synced layers meet in their collectives.
+        recalibrate_run(run.model, run.source, config, run.device, ddp.rank)
+        record["recalibrated_batches"] = config["recalibrate"]
     if ddp.rank == 0 and (run.done or run.epoch % config["eval_every"] == 0):
         t0 = time.perf_counter()
         args = (run.source, config["eval_batch_size"], run.device, config["workers"])

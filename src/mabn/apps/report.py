@@ -1,0 +1,267 @@
+"""Summaries of ``mabn reproduce`` grids: the CSV of runs, the markdown table, the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write
+from .grids import ABLATION_ROWS, GRID_SPECS, GridSpec
+
+__all__ = ["CSV_COLUMNS", "markdown", "plot_rows", "plot_sweep", "summarize", "write_summary"]
+
+CSV_COLUMNS = [
+    "grid",
+    "method",
+    "label",
+    "norm",
+    "norm_batch_size",
+    "wc",
+    "processes",
+    "seed",
+    "epochs",
+    "error",
+    "error_folded",
+    "miou",
+    "miou_folded",
+    "pixel_acc",
+    "diverged",
+    "wall_time_s",
+    "train_time_per_epoch_s",
+]
+
+_METRIC_NAMES = {"error": "error %", "miou": "mIoU %"}
+
+
+def _spec(grid: str) -> GridSpec:
+    return GRID_SPECS.get(grid, GridSpec({}))
+
+
+def summarize(rows: list[dict[str, Any]], metric: str = "error", baseline: str = "BN(32)") -> list[dict[str, Any]]:
+    """Group the runs by row label: seeds, mean and sample std of ``metric``, difference to ``baseline``.
+
+    Returns one dict per row in first-seen order with ``n``, ``mean``, ``std`` (None for one seed),
+    ``folded`` (mean of the folded model's metric or None), ``delta`` (mean minus the baseline's
+    mean, None without a baseline), ``diverged`` (runs that diverged) and ``time`` (mean wall time).
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["label"], []).append(row)
+    base = [float(r[metric]) for r in groups.get(baseline, []) if r.get(metric) not in (None, "")]
+    base_mean = statistics.fmean(base) if base else None
+    summary = []
+    for label, members in groups.items():
+        values = [float(m[metric]) for m in members if m.get(metric) not in (None, "")]
+        folded = [float(m[f"{metric}_folded"]) for m in members if m.get(f"{metric}_folded") not in (None, "")]
+        times = [m["wall_time_s"] for m in members if m.get("wall_time_s") is not None]
+        epoch_times = [m["train_time_per_epoch_s"] for m in members if m.get("train_time_per_epoch_s") is not None]
+        mean = statistics.fmean(values) if values else math.nan
+        summary.append(
+            {
+                "label": label,
+                "method": members[0]["method"],
+                "norm": members[0]["norm"],
+                "norm_batch_size": members[0]["norm_batch_size"],
+                "wc": members[0]["wc"],
+                "n": len(values),
+                "values": values,
+                "mean": mean,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "folded": statistics.fmean(folded) if folded else None,
+                "delta": mean - base_mean if base_mean is not None else None,
+                "diverged": sum(str(m["diverged"]) in ("True", "1") for m in members),
+                "time": statistics.fmean(times) if times else None,
+                "epoch_time": statistics.fmean(epoch_times) if epoch_times else None,
+            }
+        )
+    return summary
+
+
+def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _protocol_line(base: dict[str, Any], rows: list[dict[str, Any]], spec: GridSpec) -> str:
+    seeds = sorted({int(r["seed"]) for r in rows})
+    epochs = rows[0]["epochs"] if rows else base["epochs"]
+    model = f"{base['arch']} (depth {base.get('depth')}, width {base.get('width')})"
+    data = base["data"]
+    if spec.metric == "miou":
+        data += f" ({base.get('image_size')} px scenes, {base.get('limit_train') or 'all'} for training)"
+        measure = "Mean IoU over the 11 classes (background included) in percent on the test scenes"
+    else:
+        measure = "Error in percent on the " + (
+            "10,000 test images" if base["data"] == "fashion-mnist" and not base.get("limit_test") else "test images"
+        )
+    return (
+        f"Protocol: {model} on {data}, gradient batch {base['batch_size']}, {epochs} epochs, SGD momentum 0.9, "
+        f"lr {base['lr']} ({base['schedule']}, {base['warmup_epochs']} warm-up epochs), weight decay "
+        f"{base['weight_decay']}; seeds {', '.join(map(str, seeds)) or '–'}. {measure}; mean ± sample standard "
+        f"deviation over seeds; Δ = difference of the means to {spec.baseline}; folded = the same model after "
+        "`mabn.fold` (conv + norm merged)."
+    )
+
+
+def markdown(grid: str, rows: list[dict[str, Any]], base: dict[str, Any], command: str = "") -> str:
+    """The ``<grid>.md`` report: protocol, table of mean ± std per row, and for table1 the paper's targets."""
+    spec = _spec(grid)
+    summary = summarize(rows, spec.metric, spec.baseline)
+    what = "top-1 test error" if spec.metric == "error" else "test mean IoU"
+    lines = [f"# {grid}: {what} on {base['data']}", ""]
+    if command:
+        lines += ["Produced by:", "", f"    {command}", ""]
+    lines += [_protocol_line(base, rows, spec), ""]
+    name = _METRIC_NAMES[spec.metric]
+    header = (
+        f"| method | norm batch | WC | seeds | {name} | folded {name} | Δ vs {spec.baseline} | s / epoch | s / run |"
+    )
+    if grid == "ablation":
+        header = header.replace("| method |", "| row | method |")
+    elif spec.metric == "miou":
+        header = header.replace("| method |", "| row |").replace("| norm batch | WC |", "| norm | norm batch | WC |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for s in summary:
+        lines.append("| " + " | ".join(_cells(grid, spec, s)) + " |")
+    if grid in ("table1", "quick"):
+        lines += ["", *_targets(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def _cells(grid: str, spec: GridSpec, s: dict[str, Any]) -> list[str]:
+    value = _fmt(s["mean"]) + (f" ± {_fmt(s['std'])}" if s["std"] is not None else "")
+    if s["diverged"]:
+        value += f" (diverged in {s['diverged']}/{s['n']})"
+    size = str(s["norm_batch_size"]) if s["norm_batch_size"] not in ("", None) else "per sample"
+    cells = [s["label"].split("(")[0].removesuffix("+WC"), size, "yes" if str(s["wc"]) in ("True", "1") else "no"]
+    cells += [str(s["n"]), value, _fmt(s["folded"]), _fmt(s["delta"], sign=True)]
+    cells += [_fmt(s["epoch_time"], 0), _fmt(s["time"], 0)]
+    if grid == "ablation":
+        cells.insert(0, ABLATION_ROWS.get(s["norm"], s["norm"]))
+    elif spec.metric == "miou":
+        cells[0] = s["label"]
+        cells.insert(1, s["norm"])
+    return cells
+
+
+def _targets(summary: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for Table 1, checked on the current numbers."""
+    by = {s["label"]: s for s in summary}
+    bn32, bn2, brn2, mabn2 = (by.get(k) for k in ("BN(32)", "BN(2)", "BRN(2)", "MABN(2)"))
+    if not (bn32 and bn2 and mabn2):
+        return ["Targets: not all of BN(32), BN(2), MABN(2) have finished yet."]
+    spreads = [s["std"] for s in (bn32, bn2, brn2, mabn2) if s and s["std"] is not None]
+    out = ["Targets (the paper's claims, checked on these numbers):", ""]
+    gap = bn2["mean"] - bn32["mean"]
+    if spreads:
+        spread = max(spreads)
+        verdict = "met" if gap > 2 * spread else "missed"
+        out.append(
+            f"- BN(2) − BN(32) = {gap:+.2f} points, more than twice the largest seed spread ({spread:.2f}): {verdict}"
+        )
+    else:
+        out.append(f"- BN(2) − BN(32) = {gap:+.2f} points (one seed: no spread to compare with)")
+    d = mabn2["mean"] - bn32["mean"]
+    out.append(f"- MABN(2) − BN(32) = {d:+.2f} points, target ≤ +0.30: {'met' if d <= 0.3 else 'missed'}")
+    if brn2:
+        between = min(bn32["mean"], bn2["mean"]) <= brn2["mean"] <= max(bn32["mean"], bn2["mean"])
+        out.append(f"- BRN(2) = {brn2['mean']:.2f}, between BN(32) and BN(2): {'met' if between else 'missed'}")
+    return out
+
+
+def write_summary(
+    grid: str, rows: list[dict[str, Any]], results_dir: Path, base: dict[str, Any], command: str = ""
+) -> list[Path]:
+    """Write ``<grid>.csv``, ``<grid>.md`` and (sweep, dense grids) ``<grid>.png`` into ``results_dir``."""
+    if not rows:
+        return []
+    results_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+    paths = [results_dir / f"{grid}.csv", results_dir / f"{grid}.md"]
+    atomic_write(paths[0], lambda f: f.write(buffer.getvalue().encode()))
+    atomic_write(paths[1], lambda f: f.write(markdown(grid, rows, base, command).encode()))
+    if grid == "batch-sweep":
+        paths.append(plot_sweep(rows, results_dir / f"{grid}.png", base))
+    elif _spec(grid).metric == "miou":
+        paths.append(plot_rows(grid, rows, results_dir / f"{grid}.png", base))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rows(grid: str, rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> Path:
+    """One horizontal bar per row (mean of the metric) with every seed as a dot: the seed spread at a glance."""
+    plt = _pyplot()
+    spec = _spec(grid)
+    summary = summarize(rows, spec.metric, spec.baseline)
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(summary) + 1.3), dpi=120)
+    ys = list(range(len(summary)))[::-1]
+    for y, s in zip(ys, summary):
+        color = "tab:green" if s["norm"] == "mabn" else ("tab:gray" if s["label"] == spec.baseline else "tab:blue")
+        ax.barh(y, s["mean"], color=color, alpha=0.35, height=0.6)
+        ax.plot(s["values"], [y] * len(s["values"]), "o", color=color, markersize=4)
+        ax.text(s["mean"], y, f" {s['mean']:.1f}", va="center", fontsize=8)
+    ax.set_yticks(ys, [s["label"] for s in summary])
+    values = [v for s in summary for v in s["values"]]
+    if values:
+        ax.set_xlim(max(0.0, min(values) - 5), max(values) + 4)
+    ax.set_xlabel(f"test {_METRIC_NAMES[spec.metric]} (bars: mean, dots: seeds)")
+    ax.set_title(f"{grid}: {base['data']}, gradient batch {base['batch_size']}", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> Path:
+    """Error vs normalization batch size, one line per method (the paper's Figure 1(b))."""
+    plt = _pyplot()
+    summary = summarize(rows)
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    styles = {"BN": ("tab:blue", "o"), "BRN": ("tab:orange", "s"), "MABN": ("tab:green", "^")}
+    for method, (color, marker) in styles.items():
+        points = sorted(
+            ((int(s["norm_batch_size"]), s["mean"], s["std"] or 0.0) for s in summary if s["method"] == method),
+            reverse=True,
+        )
+        if not points:
+            continue
+        xs, ys, es = zip(*points)
+        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ticks = [1, 2, 4, 8, 16, 32]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlim(48, 0.7)  # large batches on the left, as in the paper's figure
+    ax.set_xlabel("normalization batch size (gradient batch 32)")
+    ax.set_ylabel("top-1 test error (%)")
+    ax.set_title(f"{base['data']}: error vs normalization batch size")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
