@@ -23,15 +23,20 @@ def test_grids_follow_the_protocol(tmp_path):
     ablation = reproduce.GRIDS["ablation"]
     assert len(ablation) == 16 and sum(r.wc for r in ablation) == 8
     assert {r.norm for r in ablation} == {"bn", "brn", "bn_ema_sma", "uncentered", "uncentered_ema", "mabn"}
-    base = {**trainer.DEFAULTS, **reproduce.PROTOCOL}
     for grid, runs in reproduce.GRIDS.items():
+        base = {**trainer.DEFAULTS, **reproduce.GRID_SPECS[grid].protocol}
         configs = [trainer.check_config(r.config(base, 1, tmp_path)) for r in runs]
         assert len({c["out"] for c in configs}) == len(runs), grid  # one directory per row
         for c, r in zip(configs, runs):
             # Same gradient batch, model, schedule and seed everywhere; only the norm, B and WC change.
-            assert (c["batch_size"], c["arch"], c["width"], c["depth"], c["lr"], c["epochs"], c["seed"]) == (
-                32, "resnet_small", 16, 1, base["lr"], base["epochs"], 1)  # fmt: skip
-            assert c["conv"] == ("centralized" if r.wc else "none")
+            assert (c["batch_size"] * r.processes, c["arch"], c["width"], c["depth"], c["lr"], c["epochs"]) == (
+                base["batch_size"], base["arch"], 16, 1, base["lr"], base["epochs"])  # fmt: skip
+            assert c["seed"] == 1 and c["conv"] == ("centralized" if r.wc else "none")
+    assert reproduce.GRID_SPECS["table1"].protocol["batch_size"] == 32
+    seg = reproduce.GRIDS["segmentation"]
+    assert [r.label for r in seg] == ["BN(16)", "BN(2)", "BRN(2)", "GN", "MABN(2)", "SyncBN(16) x2 processes"]
+    synced = seg[-1].config({**trainer.DEFAULTS, **reproduce.GRID_SPECS["segmentation"].protocol}, 0, tmp_path)
+    assert synced["sync_norm"] and synced["batch_size"] == 8 and synced["norm_batch_size"] is None
     mabn2 = next(r for r in reproduce.GRIDS["table1"] if r.norm == "mabn")
     assert mabn2.wc and mabn2.norm_batch_size == 2
 
@@ -122,3 +127,37 @@ def test_list_prints_the_runs(tmp_path, capsys):
     assert cli.main(["reproduce", "batch-sweep", "--list", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 16 and "MABN(1)" in lines[-1]
+
+
+def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["reproduce", "segmentation", "--seeds", "1", "--epochs", "1", "--limit-train", "32", "--limit-test",
+            "16", "--width", "8", "--jobs", "2", "--threads", "1", "--no-progress", "--out", str(out),
+            "--results-dir", str(results)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| SyncBN(16) x2 processes | bn | 16 | no | 1 |" in printed and "Δ vs BN(16)" in printed
+    result = json.loads((out / "syncbn-b16-p2" / "seed0" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["config"]["sync_norm"] and 0 <= result["miou"] <= 100
+    with open(results / "segmentation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(r["miou"] and not r["error"] for r in rows)
+    assert (results / "segmentation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((out / "syncbn-b16-p2").glob("*.json"))  # the launch file is gone
+
+
+def test_finetune_grid_pretrains_once_then_fine_tunes(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["reproduce", "finetune", "--seeds", "1", "--epochs", "1", "--limit-train", "32", "--limit-test", "16",
+            "--width", "8", "--threads", "1", "--no-progress", "--out", str(out), "--results-dir", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("pre-training the encoder") == 1 and "initialized the encoder from" in printed
+    pre = json.loads((out / "pretrain" / "result.json").read_text())
+    assert pre["config"]["data"] == "fashion-mnist" and pre["config"]["width"] == 8
+    frozen = json.loads((out / "frozen-bn" / "seed0" / "config.json").read_text())
+    assert frozen["model_config"]["frozen_encoder"] and frozen["train"]["init"].endswith("checkpoint.pt")
+    gn = json.loads((out / "gn-scratch" / "seed0" / "config.json").read_text())
+    assert gn["train"]["init"] is None
+    md = (tmp_path / "finetune.md").read_text()
+    assert "| MABN(2) function | mabn | 2 | no | 1 |" in md and "Δ vs BN(16) ceiling" in md

@@ -310,3 +310,90 @@ def test_bad_step_options_are_one_line_errors(tmp_path, capsys, argv, message):
     code, err = _cli([*BASE, "--out", str(out), *argv], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny BN classifier checkpoint to fine-tune from."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    trainer.train(_config(out, epochs=1, width=8))
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"norm": "mabn", "norm_batch_size": 2, "init_preserve": "function"},
+        {"norm": "mabn", "norm_batch_size": 2, "init_preserve": "statistics", "conv": "centralized"},
+        {"norm": "bn", "norm_batch_size": 2, "freeze_norm": True},
+        {"norm": "bn", "norm_batch_size": 2, "recalibrate": 3},
+    ],
+)
+def test_init_from_a_pretrained_classifier(tmp_path, pretrained, opts):
+    from mabn.checkpoint_io import load_checkpoint, model_from_checkpoint
+
+    config = _config(tmp_path / "ft", epochs=1, width=8, max_steps=1, lr=0.0, weight_decay=0.0, init=str(pretrained))
+    config.update(opts)
+    result = trainer.train(config)
+    assert math.isfinite(result["error"])
+    tuned = model_from_checkpoint(load_checkpoint(tmp_path / "ft" / "checkpoint.pt"))
+    source = model_from_checkpoint(load_checkpoint(pretrained))
+    # lr 0: the convolutions are the pretrained ones, whatever happened to the norms.
+    torch.testing.assert_close(tuned.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+    if opts.get("freeze_norm"):
+        import mabn
+
+        assert isinstance(tuned.bn1, mabn.FrozenBatchNorm2d)
+        torch.testing.assert_close(tuned.bn1.running_var, source.bn1.running_var)
+    if opts.get("recalibrate"):
+        record = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["recalibrated_batches"] == 3
+
+
+def test_init_function_preserving_starts_from_the_pretrained_error(tmp_path, pretrained):
+    # One step at lr 0 changes only the running statistics: the function-preserving conversion's
+    # first evaluation is close to the pretrained model's error, far from chance.
+    source = json.loads((pretrained.parent / "result.json").read_text())
+    config = _config(tmp_path / "ft", epochs=1, width=8, max_steps=1, lr=0.0, weight_decay=0.0)
+    result = trainer.train({**config, "init": str(pretrained), "norm": "mabn", "norm_batch_size": 2})
+    assert abs(result["error"] - source["error"]) < 15.0, (result["error"], source["error"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--freeze-norm"], "--freeze-norm freezes pretrained BatchNorms: it needs --init CKPT"),
+        (["--init", "/nonexistent/ckpt.pt"], "checkpoint not found: /nonexistent/ckpt.pt"),
+        (["--recalibrate", "0"], "recalibrate must be a positive integer, got 0"),
+    ],
+)
+def test_bad_fine_tuning_options(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, err = _cli([*BASE, "--out", str(out), *argv], capsys)
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_unknown_init_preserve_in_a_config():
+    with pytest.raises(ValueError, match="unknown --init-preserve 'weights'; choose one of statistics, function"):
+        trainer.check_config({"init_preserve": "weights"})
+
+
+def test_init_that_does_not_fit_names_the_weight(tmp_path, capsys, pretrained):
+    out = tmp_path / "out"
+    code, err = _cli([*BASE, "--width", "4", "--out", str(out), "--init", str(pretrained)], capsys)
+    assert code == 2 and "does not fit the model: conv1.weight is (8, 1, 3, 3) there, (4, 1, 3, 3) here" in err, err
+
+
+def test_config_file_reruns_a_run(tmp_path, capsys):
+    first = tmp_path / "a"
+    assert _cli([*BASE, "--norm", "mabn", "--norm-batch-size", "2", "--out", str(first)], capsys)[0] == 0
+    saved = json.loads((first / "config.json").read_text())["train"]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(saved))
+    assert _cli(["--config", str(path), "--out", str(tmp_path / "b"), "--threads", "1"], capsys)[0] == 0
+    a = json.loads((first / "result.json").read_text())
+    b = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert a["param_digest"] == b["param_digest"] and b["config"]["norm"] == "mabn"
+    code, err = _cli(["--config", str(path), "--norm", "gn", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--norm cannot be given with it" in err

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .config import NormConfig
 from .conv import CENTRALIZED, centralize_weight, check_conv
 from .factory import NORM_NAMES, NormSpec, canonical_name, create_norm_layer, norm_class, same_family
-from .frozen import is_frozen_batch_norm
+from .frozen import is_frozen_batch_norm, num_channels
 from .modules import FAMILIES, StreamNorm
 
 __all__ = ["PRESERVE_CHOICES", "convert_model", "revert_model", "is_norm_layer", "norm_dim"]
@@ -191,7 +191,7 @@ def _copy_stats(src: nn.Module, dst: nn.Module, preserve: str = "statistics") ->
 
 def _check_source(name: str, src: nn.Module, preserve: str) -> None:
     """The errors of a layer that cannot be converted (named ``name`` in the model)."""
-    where = f"{name or 'the model'} ({type(src).__name__}({src.num_features}))"
+    where = f"{name or 'the model'} ({type(src).__name__}({num_channels(src)}))"
     if isinstance(src, nn.modules.batchnorm._BatchNorm) and not src.track_running_stats:
         raise ValueError(
             f"cannot convert {where} with track_running_stats=False: "
@@ -222,11 +222,11 @@ def _convert_norm(
     if nbs is not None:
         carried["norm_batch_size"] = nbs
     kwargs = {k: v for k, v in carried.items() if k not in norm_kwargs and _accepts(norm, k, dim)}
-    new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **norm_kwargs)
+    new = create_norm_layer(norm, num_channels(src), dim=dim, **kwargs, **norm_kwargs)
     if _same_structure(src, new):
         # The same kind of layer (e.g. MABN -> MABN with another norm_batch_size): keep its settings.
         more = {k: getattr(src.config, k) for k in _CONFIG_KEYS if k not in norm_kwargs and _accepts(norm, k, dim)}
-        new = create_norm_layer(norm, src.num_features, dim=dim, **kwargs, **more, **norm_kwargs)
+        new = create_norm_layer(norm, num_channels(src), dim=dim, **kwargs, **more, **norm_kwargs)
     same_form = _form(new) is not None and _form(new) == _form(src)
     _copy_params(src, new)
     _copy_stats(src, new, preserve)

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .conv import CENTRALIZED, CenLinear, _CenConv
 from .convert import _finish, _retype, norm_dim, revert_model
-from .frozen import is_frozen_batch_norm
+from .frozen import is_frozen_batch_norm, num_channels
 from .modules import StreamNorm
 
 __all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
@@ -109,7 +109,7 @@ def _compatible(conv: nn.Module, norm: nn.Module) -> bool:
     if dim is None or not _foldable_norm(norm):
         return False
     channels = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-    if channels != norm.num_features:
+    if channels != num_channels(norm):
         return False
     if isinstance(conv, nn.Linear):
         return norm_dim(norm) == 1

@@ -39,6 +39,12 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     return len({b.numel() for b in buffers}) == 1
 
 
+def num_channels(module: nn.Module) -> int:
+    """The channel count of a norm layer: ``num_features``, or the length of a frozen BN's statistics."""
+    n = getattr(module, "num_features", None)
+    return int(n) if n is not None else module.running_var.numel()
+
+
 class _FrozenBatchNorm(nn.Module):
     _dims: tuple[int, ...] = ()
 

@@ -31,7 +31,7 @@ ARCH_TASKS: dict[str, str] = {
     **{name: SegmentationFPN.task for name in ("fpn_resnet_small", "fpn_resnet18", "fpn_resnet50")},
 }
 
-_CONFIG_KEYS = ("arch", "num_classes", "in_channels", "norm", "norm_kwargs", "conv")
+_CONFIG_KEYS = ("arch", "num_classes", "in_channels", "norm", "norm_kwargs", "conv", "frozen_encoder")
 
 
 def build_model(model_config: dict[str, Any]) -> nn.Module:
@@ -44,7 +44,8 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
             ``stem_stride`` for the ``fpn_`` archs; ``zero_init_residual``). ``arch`` is a key of
             :data:`ARCHS`: ``resnet_small``, ``resnet18``, ``resnet34``, ``resnet50`` (classifiers),
             ``fpn_resnet_small``, ``fpn_resnet18``, ``fpn_resnet50`` (segmentation). Only ``arch`` is
-            required; the others default to the builder's defaults.
+            required; the others default to the builder's defaults. ``"frozen_encoder": True`` makes
+            the norm layers of the encoder (of the whole classifier) :class:`mabn.FrozenBatchNorm2d`.
 
     Returns:
         The model (training mode, freshly initialized: load a state dict into it).
@@ -79,10 +80,15 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
             f"model_config has options that arch {arch!r} does not take: {', '.join(sorted(set(unknown)))}"
         )
     kwargs: dict[str, Any] = {k: model_config[k] for k in ("num_classes", "in_channels") if k in model_config}
-    return builder(
+    model = builder(
         **kwargs,
         norm_layer=model_config.get("norm", "bn"),
         conv_layer=model_config.get("conv"),
         **extra,
         **norm_kwargs,
     )
+    if model_config.get("frozen_encoder"):
+        from ..convert import convert_model
+
+        convert_model(getattr(model, "encoder", model), "frozen_bn")
+    return model

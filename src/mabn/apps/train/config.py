@@ -494,6 +494,8 @@ def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> 
     for key in ("depth", "width"):
         if config[key] is not None:
             mc[key] = config[key]
+    if config["freeze_norm"]:
+        mc["frozen_encoder"] = True
     return mc
 
 

@@ -23,8 +23,7 @@ def load_pretrained(model: nn.Module, config: dict[str, Any], mc: dict[str, Any]
     pretrained = model_from_checkpoint(load_checkpoint(config["init"]))  # evaluation mode
     target = getattr(model, "encoder", model)
     if config["freeze_norm"]:
-        convert_model(target, "frozen_bn")
-        convert_model(pretrained, "frozen_bn")
+        convert_model(pretrained, "frozen_bn")  # the target's encoder was built frozen (mc["frozen_encoder"])
     else:
         try:
             convert_model(pretrained, mc["norm"], preserve=config["init_preserve"], **mc["norm_kwargs"])
