@@ -134,6 +134,7 @@ class GridSpec:
         baseline: label of the row the others are compared with.
         seeds: default number of seeds.
         pretrain: the protocol of a pre-training run the rows start from (``pretrained`` rows).
+        figure_rows: rows whose seed-0 predictions ``<grid>_predictions.png`` shows (dense grids).
     """
 
     protocol: dict[str, Any]
@@ -141,6 +142,7 @@ class GridSpec:
     baseline: str = "BN(32)"
     seeds: int = 1
     pretrain: dict[str, Any] | None = None
+    figure_rows: tuple[str, ...] = ()
 
     @property
     def higher_is_better(self) -> bool:
@@ -215,9 +217,20 @@ GRID_SPECS: dict[str, GridSpec] = {
     "ablation": GridSpec(PROTOCOL),
     "batch-sweep": GridSpec(PROTOCOL),
     "quick": GridSpec({**PROTOCOL, "epochs": 3}),
-    "segmentation": GridSpec(SEGMENTATION_PROTOCOL, metric="miou", baseline="BN(16)", seeds=3),
+    "segmentation": GridSpec(
+        SEGMENTATION_PROTOCOL,
+        metric="miou",
+        baseline="BN(16)",
+        seeds=3,
+        figure_rows=("BN(16)", "BN(2)", "GN", "MABN(2)"),
+    ),
     "finetune": GridSpec(
-        FINETUNE_PROTOCOL, metric="miou", baseline="BN(16) ceiling", seeds=3, pretrain=PRETRAIN_PROTOCOL
+        FINETUNE_PROTOCOL,
+        metric="miou",
+        baseline="BN(16) ceiling",
+        seeds=3,
+        pretrain=PRETRAIN_PROTOCOL,
+        figure_rows=("BN(2)", "frozen BN", "MABN(2) function", "GN scratch"),
     ),
 }
 

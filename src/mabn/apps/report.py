@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write
-from .grids import ABLATION_ROWS, GRID_SPECS, GridSpec
+from .grids import ABLATION_ROWS, GRID_SPECS, GridSpec, grid_runs
 
-__all__ = ["CSV_COLUMNS", "markdown", "plot_rows", "plot_sweep", "summarize", "write_summary"]
+__all__ = ["CSV_COLUMNS", "markdown", "plot_predictions", "plot_rows", "plot_sweep", "summarize", "write_summary"]
 
 CSV_COLUMNS = [
     "grid",
@@ -130,7 +130,31 @@ def markdown(grid: str, rows: list[dict[str, Any]], base: dict[str, Any], comman
         lines.append("| " + " | ".join(_cells(grid, spec, s)) + " |")
     if grid in ("table1", "quick"):
         lines += ["", *_targets(summary)]
+    if spec.metric == "miou":
+        lines += ["", *_comparisons(summary, spec), "", f"![{name} per row]({grid}.png)"]
+        if spec.figure_rows:
+            lines += ["", f"![test scenes, ground truth and predictions]({grid}_predictions.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _comparisons(summary: list[dict[str, Any]], spec: GridSpec) -> list[str]:
+    """Each row against the baseline and against GroupNorm, with the seed spread to judge by."""
+    by = {s["label"]: s for s in summary}
+    base = by.get(spec.baseline)
+    if base is None or len(summary) < 2:
+        return ["Comparisons: the baseline row has not finished yet."]
+    spreads = [s["std"] for s in summary if s["std"] is not None]
+    spread = f"; the largest seed spread (std) is {max(spreads):.2f}" if spreads else "; one seed: no spread yet"
+    out = [f"Differences of the means (points of mIoU){spread}:", ""]
+    gn = next((s for s in summary if s["norm"] == "gn"), None)
+    for s in summary:
+        if s is base:
+            continue
+        line = f"- {s['label']} − {spec.baseline} = {s['mean'] - base['mean']:+.2f}"
+        if gn is not None and s is not gn:
+            line += f"; − {gn['label']} = {s['mean'] - gn['mean']:+.2f}"
+        out.append(line)
+    return out
 
 
 def _cells(grid: str, spec: GridSpec, s: dict[str, Any]) -> list[str]:
@@ -265,3 +289,31 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> 
     ax.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], seed: int = 0, n: int = 6) -> Path | None:
+    """Test scenes, their ground truth and the predictions of the grid's ``figure_rows`` (seed ``seed``).
+
+    Rows whose run has not finished are left out; returns None when none has.
+    """
+    import torch
+
+    from ..checkpoint_io import load_checkpoint, model_from_checkpoint
+    from .data import make_source
+    from .scenes import plot_scenes
+
+    runs = {r.label: r for r in grid_runs(grid)}
+    done = [
+        label for label in _spec(grid).figure_rows if (out / runs[label].slug / f"seed{seed}" / "result.json").is_file()
+    ]
+    if not done:
+        return None
+    source = make_source(base["data"], base.get("data_dir"), 1, n, base.get("image_size") or 96)
+    x, masks = next(source.test_batches(n))
+    predictions = {}
+    for label in done:
+        model = model_from_checkpoint(load_checkpoint(out / runs[label].slug / f"seed{seed}" / "checkpoint.pt"))
+        with torch.no_grad():
+            predictions[label] = model(x).argmax(1)
+    title = f"{grid}: test scenes, ground truth and predictions (seed {seed}, evaluation mode)"
+    return plot_scenes((source.test_images[:n], masks), path, n=n, predictions=predictions, title=title)

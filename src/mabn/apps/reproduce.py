@@ -47,7 +47,7 @@ from typing import Any
 
 from . import train as trainer
 from .grids import GRID_SPECS, GRIDS, PROTOCOL, GridRun, grid_runs
-from .report import markdown, summarize, write_summary
+from .report import markdown, plot_predictions, summarize, write_summary
 
 __all__ = ["GRIDS", "GRID_SPECS", "PROTOCOL", "GridRun", "grid_runs", "run_grid", "summarize", "markdown"]
 
@@ -284,6 +284,10 @@ def run(args: argparse.Namespace) -> int:
     if pretrain is not None:
         trainer.check_config(pretrain)
     rows = run_grid(args.grid, seeds, out, results_dir, base, args.progress, command, args.jobs, pretrain)
+    if GRID_SPECS[args.grid].figure_rows:
+        figure = plot_predictions(args.grid, out, results_dir / f"{args.grid}_predictions.png", base)
+        if figure is not None:
+            print(f"predictions of seed 0: {figure}")
     print()
     print(markdown(args.grid, rows, base, command))
     exts = (

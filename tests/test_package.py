@@ -1,0 +1,47 @@
+"""The package's shape: the library imports torch only, the application sits apart, the entry point resolves."""
+
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "src" / "mabn"
+
+
+def test_import_mabn_loads_no_application_module_or_optional_dependency():
+    # (tqdm is not checked: torch itself imports it.)
+    code = (
+        "import sys, mabn, mabn.models; mabn.MABN2d(4); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('matplotlib', 'PIL', 'onnx', 'onnxruntime', 'onnxscript') or m.startswith('mabn.apps')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_library_files_never_import_the_application():
+    offenders = []
+    for path in LIBRARY.rglob("*.py"):
+        if "apps" in path.relative_to(LIBRARY).parts or path.name == "__main__.py":
+            continue
+        text = path.read_text()
+        if re.search(r"^\s*(from\s+(\.+apps|mabn\.apps)|import\s+mabn\.apps)", text, re.MULTILINE):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_console_script_resolves():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["mabn"].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_version_is_one():
+    import mabn
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == mabn.__version__
