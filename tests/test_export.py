@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
-import onnxruntime
 import pytest
 import torch
 from test_fold import calibrate
 from torch.testing import assert_close
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
 
 import mabn
 from mabn import models
@@ -180,3 +181,22 @@ def test_cli_entry_point_exit_code(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == f"mabn export: error: checkpoint not found: {tmp_path / 'missing.pt'}"
+
+
+def test_cli_exports_a_segmentation_checkpoint_with_dynamic_sizes(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from mabn.apps import train as trainer
+
+    out = tmp_path / "run"
+    trainer.train({"data": "fashion-scenes", "limit_train": 32, "limit_test": 16, "width": 8, "norm": "mabn",
+                   "norm_batch_size": 2, "conv": "centralized", "batch_size": 16, "epochs": 1, "threads": 1,
+                   "out": str(out)})  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["export", str(out / "checkpoint.pt"), "-o", str(tmp_path / "seg.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "height and width dynamic" in printed
+    errors = [float(line.rsplit(": ", 1)[1]) for line in printed.splitlines() if "max abs difference" in line]
+    assert len(errors) == 3 and max(errors) < 1e-4, printed
+    assert cli.main(["export", str(out / "checkpoint.pt"), "-o", str(tmp_path / "s.pt"), "--format", "torchscript",
+                     "--dynamic-spatial"]) == 2  # fmt: skip
+    assert "--dynamic-spatial applies to --format onnx only" in capsys.readouterr().err

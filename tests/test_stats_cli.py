@@ -6,7 +6,6 @@ import math
 import shlex
 
 import pytest
-from PIL import Image
 
 from mabn.apps.cli import main
 from mabn.apps.data import FASHION_MNIST_DIR
@@ -74,6 +73,8 @@ def test_summary_and_table(tiny_records):
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_stats_from_log_draws_plots(tiny_records, tmp_path, capsys, suffix):
+    pytest.importorskip("matplotlib")
+    Image = pytest.importorskip("PIL.Image")
     log = tmp_path / f"log{suffix}"
     (write_stats_csv if suffix == ".csv" else write_stats_jsonl)(tiny_records, log)
     out = tmp_path / "plots"

@@ -62,7 +62,8 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, training:
         The checkpoint dict (``format``, ``version``, ``model_config``, ``model``, ...).
 
     Raises:
-        FileNotFoundError: no such file. IsADirectoryError: a directory.
+        FileNotFoundError: no such file.
+        IsADirectoryError: a directory.
         ValueError: unreadable, not a mabn checkpoint, another version, or incomplete.
     """
     path = Path(path)

@@ -111,7 +111,8 @@ package into it (exactly its evaluation-mode map) and turns it back into a train
 Args:
     num_features: number of channels C.
     eps: added to the variance. Default: ``1e-5``.
-    device, dtype: of the buffers.
+    device: device of the buffers.
+    dtype: dtype of the buffers.
 
 Shape:
     - Input: {shape}

@@ -501,7 +501,8 @@ def make_source(
         seed: seed of the ``"synthetic"`` data.
 
     Raises:
-        ValueError: unknown source or bad limits. FileNotFoundError: missing data.
+        ValueError: unknown source or bad limits.
+        FileNotFoundError: missing data.
 
     Example::
 

@@ -20,11 +20,15 @@ def default_input_shape(
     model_config: dict[str, Any], batch_size: int = 1, image_size: int | None = None
 ) -> tuple[int, ...]:
     """``(N, C, H, W)`` for a model config: 28x28 for one-channel ``resnet_small``, 32x32 for
-    other ``resnet_small``, 224x224 for the ImageNet ResNets."""
-    channels = int(model_config.get("in_channels", 1 if model_config.get("arch") == "resnet_small" else 3))
+    other ``resnet_small``, 96x96 for ``fpn_resnet_small`` (the scenes' canvas), 224x224 for the
+    ImageNet ResNets and their FPNs."""
+    small = model_config.get("arch") in ("resnet_small", "fpn_resnet_small")
+    channels = int(model_config.get("in_channels", 1 if small else 3))
     if image_size is None:
         if model_config.get("arch") == "resnet_small":
             image_size = 28 if channels == 1 else 32
+        elif model_config.get("arch") == "fpn_resnet_small":
+            image_size = 96
         else:
             image_size = 224
     return (batch_size, channels, image_size, image_size)
@@ -63,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--static-batch", action="store_true", help="ONNX: fix the batch size instead of a symbolic one"
     )
+    parser.add_argument(
+        "--dynamic-spatial",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ONNX: symbolic height and width too (default: on for segmentation models, which are then "
+        "checked at three input sizes)",
+    )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the exported file with PyTorch")
     parser.add_argument(
@@ -82,13 +93,26 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt)
     shape = default_input_shape(ckpt["model_config"], args.batch_size, args.image_size)
     x = torch.randn(shape)
-    export_model(model, output, args.format, x, dynamic_batch=not args.static_batch, opset=args.opset)
     arch = ckpt["model_config"].get("arch")
-    print(f"wrote {output} ({args.format}, {arch}, input {'x'.join(map(str, shape))}, {output.stat().st_size} bytes)")
+    spatial = args.dynamic_spatial
+    if spatial is None:
+        spatial = args.format == "onnx" and getattr(model, "task", None) == "segmentation"
+    if spatial and args.format != "onnx":
+        raise ValueError("--dynamic-spatial applies to --format onnx only")
+    export_model(
+        model, output, args.format, x, dynamic_batch=not args.static_batch, dynamic_spatial=spatial, opset=args.opset
+    )
+    dims = "x".join(map(str, shape)) + (" (height and width dynamic)" if spatial else "")
+    print(f"wrote {output} ({args.format}, {arch}, input {dims}, {output.stat().st_size} bytes)")
     if not args.no_check:
-        error = _max_error(output, args.format, model, x)
-        if error is None:
-            print("check skipped: onnxruntime is not installed")
-        else:
-            print(f"max abs difference to the PyTorch model: {error:.3g}")
+        # A dynamic-size export is checked at other sizes too: a size baked into the graph would fail.
+        inputs = [x] + ([torch.randn(*shape[:2], shape[2] + 16, shape[3] + 40)] if spatial else [])
+        inputs += [torch.randn(*shape[:2], max(shape[2] // 2, 8), shape[3] + 8)] if spatial else []
+        for example in inputs:
+            error = _max_error(output, args.format, model, example)
+            if error is None:
+                print("check skipped: onnxruntime is not installed")
+                break
+            size = "x".join(map(str, example.shape))
+            print(f"max abs difference to the PyTorch model at {size}: {error:.3g}")
     return 0

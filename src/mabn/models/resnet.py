@@ -65,9 +65,12 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
 
     Args:
-        inplanes: input channels. planes: output channels. stride: stride of ``conv1``.
+        inplanes: input channels.
+        planes: output channels.
+        stride: stride of ``conv1``.
         downsample: the shortcut (1x1 convolution + norm) when the shape changes, else None.
-        norm: ``num_features -> norm module``. conv: the 2-D convolution class.
+        norm: ``num_features -> norm module``.
+        conv: the 2-D convolution class.
     """
 
     expansion = 1
@@ -104,9 +107,12 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (carrying the stride), 1x1 expand (x4), with a residual connection.
 
     Args:
-        inplanes: input channels. planes: width of the 3x3 convolution (output: ``4 * planes``).
-        stride: stride of ``conv2``. downsample: the shortcut when the shape changes, else None.
-        norm: ``num_features -> norm module``. conv: the 2-D convolution class.
+        inplanes: input channels.
+        planes: width of the 3x3 convolution (output: ``4 * planes``).
+        stride: stride of ``conv2``.
+        downsample: the shortcut when the shape changes, else None.
+        norm: ``num_features -> norm module``.
+        conv: the 2-D convolution class.
     """
 
     expansion = 4
@@ -152,7 +158,8 @@ class ResNet(nn.Module):
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         layers: blocks per stage.
         widths: ``planes`` of each stage (the first stage has stride 1, the others stride 2).
-        num_classes: outputs of the classifier. in_channels: channels of the input images.
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
         stem: ``"imagenet"`` (7x7 stride-2 convolution and 3x3 stride-2 max-pool), ``"small"``
             (3x3 stride-1 convolution, no pooling) or ``"small_stride2"`` (3x3 stride-2 convolution,
             no pooling: the small stem at half the resolution, for larger images).
