@@ -10,12 +10,12 @@ import torch
 from test_fold import calibrate
 from torch.testing import assert_close
 
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-
 import mabn
 from mabn import models
 from mabn.apps import cli
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
