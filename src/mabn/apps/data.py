@@ -170,7 +170,37 @@ class DataSource:
         raise NotImplementedError
 
 
-class TensorImageSource(DataSource):
+class InMemorySource(DataSource):
+    """A source whose splits are tensors in memory: ``train_images``/``test_images`` (N, C, H, W)
+    uint8 and the targets ``train_targets``/``test_targets``, normalized with ``mean`` and ``std``."""
+
+    train_images: Tensor
+    test_images: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_train(self) -> int:
+        return self.train_images.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_images.shape[0]
+
+    def test_targets(self, start: int, stop: int) -> Tensor:
+        """The targets of test samples ``start:stop``."""
+        raise NotImplementedError
+
+    def test_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield the test split in order, without augmentation, ``batch_size`` samples at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, self.num_test, batch_size):
+            images = self.test_images[start : start + batch_size]
+            yield normalize(images, self.mean, self.std), self.test_targets(start, start + batch_size)
+
+
+class TensorImageSource(InMemorySource):
     """Images held in memory as uint8 tensors, augmented by :func:`random_crop_flip` then normalized.
 
     Args:
@@ -208,24 +238,14 @@ class TensorImageSource(DataSource):
         self.mean, self.std = tuple(mean), tuple(std)
         self.padding, self.flip = padding, flip
 
-    @property
-    def num_train(self) -> int:
-        return self.train_images.shape[0]
-
-    @property
-    def num_test(self) -> int:
-        return self.test_images.shape[0]
-
     def train_batches(self, batches: Tensor, seed: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         generator = torch.Generator().manual_seed(seed)
         for rows in batches:
             images = random_crop_flip(self.train_images[rows], generator, self.padding, self.flip)
             yield normalize(images, self.mean, self.std), self.train_labels[rows]
 
-    def test_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, self.num_test, batch_size):
-            images = self.test_images[start : start + batch_size]
-            yield normalize(images, self.mean, self.std), self.test_labels[start : start + batch_size]
+    def test_targets(self, start: int, stop: int) -> Tensor:
+        return self.test_labels[start:stop]
 
 
 def _limit(split: tuple[Tensor, Tensor], limit: int | None) -> tuple[Tensor, Tensor]:

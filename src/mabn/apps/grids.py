@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..config import PRESET_DESCRIPTIONS
+
 __all__ = ["GRIDS", "GRID_SPECS", "PROTOCOL", "SEGMENTATION_PROTOCOL", "GridRun", "GridSpec", "grid_runs"]
 
 #: The classification protocol (DESIGN.md section 3): Table 1, the ablation, the batch sweep.
@@ -150,14 +152,7 @@ class GridSpec:
 
 
 #: Descriptions of the ablation's presets (the paper's Table 2 wording).
-ABLATION_ROWS = {
-    "bn": "BN: centered, batch statistics in FP and BP",
-    "brn": "BRN: centered, batch statistics renormalized to the EMA in FP, batch BP",
-    "bn_ema_sma": "centered, EMA-renormalized FP, SMA in BP",
-    "uncentered": "uncentered (modified) form, batch statistics in FP and BP",
-    "uncentered_ema": "uncentered, EMA-renormalized FP, batch BP",
-    "mabn": "MABN: uncentered, SMA renormalized to the EMA in FP, SMA in BP",
-}
+ABLATION_ROWS = PRESET_DESCRIPTIONS
 
 # 8 groups in every layer: torch's usual 32 would leave one channel per group in 16-channel layers.
 _GN = GridRun("GN", "gn", None, norm_opts=(("num_groups", 8),))

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataSource, load_fashion_mnist, normalize
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InMemorySource, load_fashion_mnist, normalize
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -323,7 +323,7 @@ def make_scenes(
     return Scenes(scenes.unsqueeze(1), masks, boxes, sources, positions, sides)
 
 
-class SegmentationTensorSource(DataSource):
+class SegmentationTensorSource(InMemorySource):
     """A semantic segmentation data set held in memory: uint8 images and integer label maps.
 
     Training batches are mirrored horizontally with probability 1/2 (image and label map together),
@@ -392,14 +392,6 @@ class SegmentationTensorSource(DataSource):
         self.mean, self.std = tuple(mean), tuple(std)
         self.flip = flip
 
-    @property
-    def num_train(self) -> int:
-        return self.train_images.shape[0]
-
-    @property
-    def num_test(self) -> int:
-        return self.test_images.shape[0]
-
     def train_batches(self, batches: Tensor, seed: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (images float32 (B, C, H, W), label maps int64 (B, H, W)) for each row of ``batches`` (S, B).
 
@@ -414,13 +406,9 @@ class SegmentationTensorSource(DataSource):
                 masks = torch.where(mirrored[:, None, None], masks.flip(-1), masks)
             yield normalize(images, self.mean, self.std), masks
 
-    def test_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield the test split in order, without augmentation, ``batch_size`` scenes at a time."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, self.num_test, batch_size):
-            images = self.test_images[start : start + batch_size]
-            yield normalize(images, self.mean, self.std), self.test_masks[start : start + batch_size].long()
+    def test_targets(self, start: int, stop: int) -> Tensor:
+        """The label maps of test scenes ``start:stop`` as int64."""
+        return self.test_masks[start:stop].long()
 
 
 class SceneSource(SegmentationTensorSource):
