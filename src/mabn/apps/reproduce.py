@@ -60,9 +60,12 @@ QUICK_EPOCHS = GRID_SPECS["quick"].protocol["epochs"]
 # ---- running ------------------------------------------------------------------------------------
 
 
-def _train_one(config: dict[str, Any], progress: bool | None, title: str) -> None:
+def _train_one(config: dict[str, Any], progress: bool | None, title: str) -> float:
+    """Train (or skip) one run; return the seconds it took here."""
     print(title, flush=True)
+    t0 = time.perf_counter()
     trainer.run_or_resume(config, progress)
+    return time.perf_counter() - t0
 
 
 def _launch(config: dict[str, Any], processes: int) -> None:
@@ -123,10 +126,10 @@ def run_grid(
         note = " (done, skipped)" if finished else ""
         return f"[{grid} {i}/{total}] {run.label} seed {seed}{note}", finished
 
-    def finished(i: int, t0: float, was_done: bool) -> None:
+    def finished(i: int, seconds: float, was_done: bool) -> None:
         nonlocal rows
         if not was_done:
-            print(f"[{grid} {i}/{total}] finished in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"[{grid} {i}/{total}] finished in {seconds:.0f} s", flush=True)
         rows = collect(grid, seeds, out)
         write_summary(grid, rows, results_dir, base, command)
 
@@ -139,20 +142,19 @@ def run_grid(
             for i, run, seed in single:
                 text, was_done = title(i, run, seed)
                 future = pool.submit(_train_one, run.config(base, seed, out), False, text)
-                futures[future] = (i, time.perf_counter(), was_done)
+                futures[future] = (i, was_done)
             for future in concurrent.futures.as_completed(futures):
-                future.result()
-                finished(*futures[future])
+                i, was_done = futures[future]
+                finished(i, future.result(), was_done)
     else:
         for i, run, seed in single:
-            (text, was_done), t0 = title(i, run, seed), time.perf_counter()
-            _train_one(run.config(base, seed, out), progress, text)
-            finished(i, t0, was_done)
+            text, was_done = title(i, run, seed)
+            finished(i, _train_one(run.config(base, seed, out), progress, text), was_done)
     for i, run, seed in multi:
         (text, was_done), t0 = title(i, run, seed), time.perf_counter()
         print(text, flush=True)
         _launch(run.config(base, seed, out), run.processes)
-        finished(i, t0, was_done)
+        finished(i, time.perf_counter() - t0, was_done)
     return rows
 
 
