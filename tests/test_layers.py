@@ -392,6 +392,9 @@ def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
         "monitor",
         "recompute",
         "_kernels",
+        "frozen",
+        "recalibrate",
+        "models.segmentation",
     ],
 )
 def test_docstring_examples_run(module):
