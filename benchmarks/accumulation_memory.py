@@ -4,9 +4,10 @@ The recipe for one small GPU: MABN at normalization batch 2 with ``accumulate=16
 statistics of the batch-32 run with the activations of a batch of 2. Each configuration runs one
 training step (forward, backward, SGD step) in a fresh process and reports:
 
-* saved activations: the largest total of the tensors autograd saves for backward during one
-  forward (``torch.autograd.graph.saved_tensors_hooks``), parameters left out: exact, and the same
-  on any device (the centered weights of WC convolutions count: they are computed in each forward);
+* saved activations: the largest total of the storages autograd saves for backward during one
+  forward (``torch.autograd.graph.saved_tensors_hooks``; each storage once, parameters left out):
+  exact, and the same on any device (the centered weights of WC convolutions count: they are
+  computed in each forward);
 * peak memory: the process's peak resident memory during the step minus its resident memory just
   before it (model, optimizer and the batch already allocated), from ``/proc/self/status``.
 
@@ -53,10 +54,16 @@ def child(name: str, size: int) -> dict:
     peak_saved = [0]
     weights = {p.data_ptr() for p in model.parameters()}
 
+    seen: set[int] = set()
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() in weights:  # a layer keeps its weight for backward: not an activation
+        storage = t.untyped_storage()
+        # A layer keeps its weight for backward (not an activation); a tensor saved by two layers
+        # (a conv's input is the norm's output) is held once.
+        if t.data_ptr() in weights or storage.data_ptr() in seen:
             return t
-        saved[0] += t.numel() * t.element_size()
+        seen.add(storage.data_ptr())
+        saved[0] += storage.nbytes()
         peak_saved[0] = max(peak_saved[0], saved[0])
         return t
 
@@ -64,6 +71,7 @@ def child(name: str, size: int) -> dict:
     before = _status("VmRSS")
     for xm, ym in zip(x.split(micro), y.split(micro)):
         saved[0] = 0
+        seen.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = torch.nn.functional.cross_entropy(model(xm), ym) / (32 // micro)
         loss.backward()
