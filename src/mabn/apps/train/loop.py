@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ...checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+from ...factory import canonical_name, is_batch_norm
 from ..data import make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
 from .config import (
@@ -288,8 +289,14 @@ def _start(run: _Run, fresh: bool) -> None:
 def _header(run: _Run) -> str:
     c = run.config
     micro = c["batch_size"] // c["accumulate"]
+    if not is_batch_norm(c["norm"]):
+        stats = "statistics per sample" if canonical_name(c["norm"]) != "frozen_bn" else "fixed statistics"
+    else:
+        stats = f"normalization batch {c['norm_batch_size'] or micro}"
+    if c["freeze_norm"]:
+        stats += ", pretrained norms frozen"
     parts = [
-        f"training {c['arch']} ({c['task']}) with norm {c['norm']!r} (normalization batch {c['norm_batch_size'] or micro}"
+        f"training {c['arch']} ({c['task']}) with norm {c['norm']!r} ({stats}"
         + (", synced" if c["sync_norm"] and run.ddp.active else "")
         + f", conv {c['conv']}) on {run.source.name}: {run.source.num_train} images, {c['epochs']} epochs x "
         f"{run.steps_per_epoch} steps of {c['batch_size']} x {run.ddp.world} process(es)"
