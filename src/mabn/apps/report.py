@@ -251,7 +251,7 @@ def plot_rows(grid: str, rows: list[dict[str, Any]], path: Path, base: dict[str,
         color = "tab:green" if s["norm"] == "mabn" else ("tab:gray" if s["label"] == spec.baseline else "tab:blue")
         ax.barh(y, s["mean"], color=color, alpha=0.35, height=0.6)
         ax.plot(s["values"], [y] * len(s["values"]), "o", color=color, markersize=4)
-        ax.text(s["mean"], y, f" {s['mean']:.1f}", va="center", fontsize=8)
+        ax.text(max([s["mean"], *s["values"]]), y, f"  {s['mean']:.1f}", va="center", fontsize=8)
     ax.set_yticks(ys, [s["label"] for s in summary])
     values = [v for s in summary for v in s["values"]]
     if values:
