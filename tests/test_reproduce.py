@@ -34,7 +34,8 @@ def test_grids_follow_the_protocol(tmp_path):
             assert c["seed"] == 1 and c["conv"] == ("centralized" if r.wc else "none")
     assert reproduce.GRID_SPECS["table1"].protocol["batch_size"] == 32
     seg = reproduce.GRIDS["segmentation"]
-    assert [r.label for r in seg] == ["BN(16)", "BN(2)", "BRN(2)", "GN", "MABN(2)", "SyncBN(16) x2 processes"]
+    assert [r.label for r in seg] == [
+        "BN(16)", "BN(2)", "BRN(2)", "GN", "MABN(2)", "BN(16)+WC", "SyncBN(16) x2 processes"]  # fmt: skip
     synced = seg[-1].config({**trainer.DEFAULTS, **reproduce.GRID_SPECS["segmentation"].protocol}, 0, tmp_path)
     assert synced["sync_norm"] and synced["batch_size"] == 8 and synced["norm_batch_size"] is None
     mabn2 = next(r for r in reproduce.GRIDS["table1"] if r.norm == "mabn")
@@ -141,7 +142,7 @@ def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys):
     assert result["world_size"] == 2 and result["config"]["sync_norm"] and 0 <= result["miou"] <= 100
     with open(results / "segmentation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and all(r["miou"] and not r["error"] for r in rows)
+    assert len(rows) == 7 and all(r["miou"] and not r["error"] for r in rows)
     assert (results / "segmentation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "syncbn-b16-p2").glob("*.json"))  # the launch file is gone
 

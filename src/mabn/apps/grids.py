@@ -178,6 +178,7 @@ def _segmentation_grid() -> list[GridRun]:
         GridRun("BRN", "brn", 2),
         _GN,
         GridRun("MABN", "mabn", 2, wc=True),
+        GridRun("BN", "bn", 16, wc=True),  # control: what WC alone does to the whole-batch row
         GridRun("SyncBN", "bn", 16, processes=2),  # the whole-batch row, for real on 2 processes
     ]
 
