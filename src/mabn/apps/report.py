@@ -117,6 +117,15 @@ def markdown(grid: str, rows: list[dict[str, Any]], base: dict[str, Any], comman
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
     lines += [_protocol_line(base, rows, spec), ""]
+    if spec.pretrain is not None:
+        p = spec.pretrain
+        lines += [
+            f"Pre-training (once, `<out>/pretrain`): {p['arch']} with {p['norm']} at batch {p['batch_size']} on "
+            f"{p['data']} classification, {p['epochs']} epochs, seed {p['seed']}. Every row but the from-scratch "
+            "one starts from its weights (the classifier dropped) with the encoder's norms converted as the row "
+            "says; the decoder starts fresh.",
+            "",
+        ]
     name = _METRIC_NAMES[spec.metric]
     header = (
         f"| method | norm batch | WC | seeds | {name} | folded {name} | Δ vs {spec.baseline} | s / epoch | s / run |"
