@@ -397,3 +397,12 @@ def test_config_file_reruns_a_run(tmp_path, capsys):
     assert a["param_digest"] == b["param_digest"] and b["config"]["norm"] == "mabn"
     code, err = _cli(["--config", str(path), "--norm", "gn", "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--norm cannot be given with it" in err
+
+
+def test_runs_written_before_a_key_existed_still_match():
+    from mabn.apps.train.config import config_differences
+
+    current = trainer.check_config({"data": "synthetic"})
+    older = {k: v for k, v in current.items() if k not in ("init", "init_preserve", "freeze_norm", "recalibrate")}
+    assert config_differences(older, current) == []
+    assert config_differences(older, {**current, "freeze_norm": True}) == ["freeze_norm: False -> True"]

@@ -228,9 +228,10 @@ def _command(args: argparse.Namespace, seeds: int, epochs: int, out: Path) -> st
     parts = ["mabn", "reproduce", args.grid, "--seeds", str(seeds), "--epochs", str(epochs), "--out", str(out)]
     if args.results_dir:
         parts += ["--results-dir", args.results_dir]
-    for key in ("threads", "jobs"):
-        if getattr(args, key) not in (None, 1):
-            parts += [f"--{key}", str(getattr(args, key))]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.jobs != 1:
+        parts += ["--jobs", str(args.jobs)]
     for key in _OVERRIDES:
         if getattr(args, key) is not None:
             parts += ["--" + key.replace("_", "-"), str(getattr(args, key))]

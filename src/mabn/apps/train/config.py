@@ -510,5 +510,11 @@ def build_model(mc: dict[str, Any]) -> nn.Module:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose values differ (runtime keys aside), as ``"key: old -> new"``.
+
+    A key the saved configuration lacks (written before the key existed) counts as its default.
+    """
     keys = sorted((set(saved) | set(current)) - RUNTIME_KEYS)
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    old = {k: saved.get(k, DEFAULTS.get(k)) for k in keys}
+    new = {k: current.get(k, DEFAULTS.get(k)) for k in keys}
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys if old[k] != new[k]]
