@@ -291,7 +291,9 @@ def convert_model(
       BatchNorm model did in evaluation mode. In training the batch second moment (var + mean^2) then
       exceeds R wherever the mean is not zero: the renormalization factor r = sqrt(chi^2 / R) is
       clipped at ``r_max`` until the running statistics catch up. The model must be in evaluation
-      mode and the statistics finite.
+      mode and the statistics finite. This is the seeding to fine-tune a pretrained model with:
+      in ``mabn reproduce finetune`` (results/finetune.md) it beats ``"statistics"`` by 3.7 points
+      of mIoU and whole-batch BatchNorm by 1.5.
 
     Frozen BatchNorms (:class:`mabn.FrozenBatchNorm2d` and other libraries' by duck typing) count as
     centered layers: ``norm="frozen_bn"`` freezes a model's norms into their evaluation maps, and a
