@@ -146,10 +146,6 @@ class GridSpec:
     pretrain: dict[str, Any] | None = None
     figure_rows: tuple[str, ...] = ()
 
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric == "miou"
-
 
 #: Descriptions of the ablation's presets (the paper's Table 2 wording).
 ABLATION_ROWS = PRESET_DESCRIPTIONS

@@ -51,11 +51,6 @@ from .report import markdown, plot_predictions, summarize, write_summary
 
 __all__ = ["GRIDS", "GRID_SPECS", "PROTOCOL", "GridRun", "grid_runs", "run_grid", "summarize", "markdown"]
 
-#: Default number of seeds per grid.
-DEFAULT_SEEDS = {name: spec.seeds for name, spec in GRID_SPECS.items()}
-#: Epochs of the ``quick`` grid (each of its three runs takes a few minutes).
-QUICK_EPOCHS = GRID_SPECS["quick"].protocol["epochs"]
-
 
 # ---- running ------------------------------------------------------------------------------------
 
@@ -262,7 +257,7 @@ def pretrain_config(args: argparse.Namespace, out: Path) -> dict[str, Any] | Non
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mabn reproduce``."""
     runs = grid_runs(args.grid)
-    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.grid]
+    seeds = args.seeds if args.seeds is not None else GRID_SPECS[args.grid].seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if args.jobs < 1:
