@@ -15,3 +15,13 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir():
+    """The Fashion-MNIST directory; tests that need the real data skip, saying how to install it."""
+    from mabn.apps.data import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} (bash scripts/setup.sh installs it)")
+    return FASHION_MNIST_DIR

@@ -159,7 +159,7 @@ def test_frozen_round_trip_through_any_layer(frozen_cls):
 
 
 def test_frozen_bn_bad_input():
-    with pytest.raises(ValueError, match="num_features must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="num_features must be >= 1, got 0"):
         mabn.FrozenBatchNorm2d(0)
     with pytest.raises(ValueError, match="FrozenBatchNorm2d expects 4-D input, got 3-D"):
         mabn.FrozenBatchNorm2d(3)(torch.randn(2, 3, 4))

@@ -9,26 +9,12 @@ the command line take their names from it.
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from ._checks import check_float, check_int
 
 __all__ = ["NormConfig", "PRESETS", "PRESET_DESCRIPTIONS", "STAT_MODES"]
 
 STAT_MODES = ("batch", "sma")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,25 +76,25 @@ class NormConfig:
         for name in ("forward_stats", "backward_stats"):
             if getattr(self, name) not in STAT_MODES:
                 raise ValueError(f"{name} must be one of {STAT_MODES}, got {getattr(self, name)!r}")
-        eps = _check_float("eps", self.eps)
+        eps = check_float("eps", self.eps)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if self.momentum is not None:
-            momentum = _check_float("momentum", self.momentum)
+            momentum = check_float("momentum", self.momentum)
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         if self.norm_batch_size is not None:
-            _check_int("norm_batch_size", self.norm_batch_size, 1)
-        _check_int("window", self.window, 1)
+            check_int("norm_batch_size", self.norm_batch_size, 1)
+        check_int("window", self.window, 1)
         for name in ("r_max", "d_max"):
-            value = _check_float(name, getattr(self, name))
+            value = check_float(name, getattr(self, name))
             if name == "r_max" and value < 1:
                 raise ValueError(f"r_max must be >= 1, got {value}")
             if name == "d_max" and value < 0:
                 raise ValueError(f"d_max must be >= 0, got {value}")
-        _check_int("warmup_iters", self.warmup_iters, 0)
-        _check_int("renorm_warmup_iters", self.renorm_warmup_iters, 0)
-        _check_int("accumulate", self.accumulate, 1)
+        check_int("warmup_iters", self.warmup_iters, 0)
+        check_int("renorm_warmup_iters", self.renorm_warmup_iters, 0)
+        check_int("accumulate", self.accumulate, 1)
 
     @property
     def num_forward_stats(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ._checks import check_num_features
 from .config import PRESETS
 from .modules import FAMILIES
 
@@ -112,14 +113,6 @@ def _check_dim(dim: object) -> int:
     return dim
 
 
-def _check_num_features(num_features: object) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, int):
-        raise TypeError(f"num_features must be an int, got {num_features!r}")
-    if num_features < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
-    return num_features
-
-
 def _group_norm(num_features: int, num_groups: int | None, kwargs: dict[str, Any]) -> nn.GroupNorm:
     if num_groups is None:
         num_groups = default_num_groups(num_features)
@@ -212,7 +205,7 @@ def create_norm_layer(norm: NormSpec, num_features: int, **kwargs: Any) -> nn.Mo
         >>> mabn.create_norm_layer(functools.partial(mabn.MABN2d, window=8), 16, dim=1).window
         8
     """
-    num_features = _check_num_features(num_features)
+    num_features = check_num_features(num_features)
     dim = kwargs.pop("dim", None)
     if dim is not None:
         dim = _check_dim(dim)

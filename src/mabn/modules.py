@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_num_features
 from ._kernels import HALF, stat_dtype
 from .config import PRESETS, NormConfig
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
@@ -127,10 +128,7 @@ class StreamNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
-            raise TypeError(f"num_features must be an int, got {num_features!r}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        check_num_features(num_features)
         if not isinstance(affine, bool):
             raise TypeError(f"affine must be a bool, got {affine!r}")
         if not isinstance(config, NormConfig):
