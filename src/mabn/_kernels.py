@@ -146,8 +146,10 @@ def moments(x: Tensor, groups: int, path: str) -> tuple[Tensor, Tensor]:
     if path == "grouped":
         var, mean = torch.var_mean(group_view(x, groups), dim=_group_dims(x.dim() + 1), correction=0)
         return mean, var
-    slices = [x] if path == "native" else _group_slices(x, groups)
-    pairs = [torch.batch_norm_update_stats(xg, None, None, 0.0) for xg in slices]
+    if path == "native":
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean.unsqueeze(0), var.unsqueeze(0)
+    pairs = [torch.batch_norm_update_stats(xg, None, None, 0.0) for xg in _group_slices(x, groups)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 

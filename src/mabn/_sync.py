@@ -28,14 +28,14 @@ from .config import NormConfig
 __all__ = ["world_size", "fingerprint", "reduce_forward", "reduce_backward"]
 
 
-def world_size(group: object) -> int:
-    """Ranks in ``group``; a clear error when the default process group does not exist."""
+def world_size(process_group: object) -> int:
+    """Ranks in ``process_group``; a clear error when the default process group does not exist."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "a layer with process_group set needs an initialized process group "
             "(torch.distributed.init_process_group, or run under torchrun)"
         )
-    return dist.get_world_size(group)
+    return dist.get_world_size(process_group)
 
 
 def fingerprint(num_features: int, groups: int, config: NormConfig) -> int:
@@ -44,10 +44,12 @@ def fingerprint(num_features: int, groups: int, config: NormConfig) -> int:
     return zlib.crc32(text.encode()) % 2039 + 1
 
 
-def _pack_check(base: int, calls: Tensor | None) -> Tensor:
-    f = torch.tensor(float(base), dtype=torch.float64, device=calls.device if calls is not None else None)
-    if calls is not None:
-        f = f + (calls % 1024).to(torch.float64) * 2048.0
+def _pack_check(fingerprint: int, num_batches_tracked: Tensor | None) -> Tensor:
+    """``[f, f^2]`` of the call: the layer's fingerprint, and its step count in the forward pass."""
+    device = num_batches_tracked.device if num_batches_tracked is not None else None
+    f = torch.tensor(float(fingerprint), dtype=torch.float64, device=device)
+    if num_batches_tracked is not None:
+        f = f + (num_batches_tracked % 1024).to(torch.float64) * 2048.0
     return torch.stack([f, f * f])
 
 
@@ -68,17 +70,20 @@ def reduce_forward(
     n_local: int,
     shift: Tensor | None,
     config: NormConfig,
-    group: object,
-    calls: Tensor,
-    base: int,
-    check: bool | str,
+    process_group: object,
+    num_batches_tracked: Tensor,
+    fingerprint: int,
+    *,
+    verify: bool,
+    probe: bool,
 ) -> tuple[Tensor, Tensor]:
     """The statistics (G, k, C) of the groups' union over the ranks, and the union's element counts (G,).
 
     ``batch`` holds each local group's (mean, variance) or (E[x^2],) over ``n_local`` elements per
     channel. Centered statistics are combined about ``shift`` (the running mean, equal on every
-    rank), which keeps ``E[(x - shift)^2] - E[x - shift]^2`` free of cancellation. ``check`` is
-    False, True (read the fingerprint) or ``"first"`` (also compare the fingerprints before).
+    rank), which keeps ``E[(x - shift)^2] - E[x - shift]^2`` free of cancellation. ``verify`` reads
+    the fingerprints after the collective; ``probe`` also compares them in a collective of their own
+    first.
     """
     g, _, c = batch.shape
     stats = batch.to(torch.float64)
@@ -90,15 +95,16 @@ def reduce_forward(
     if n_local == 0:
         sums = torch.zeros_like(sums)  # the local moments of an empty batch are NaN
     counts = torch.full((g,), float(n_local), dtype=torch.float64, device=batch.device)
-    check_values = _pack_check(base, calls)
-    if check == "first":  # sizes first: vectors of different sizes would abort the collective below
-        probe = check_values.clone()
-        dist.all_reduce(probe, group=group)
-        _verify(probe, check_values, dist.get_world_size(group), "forward")
+    check_values = _pack_check(fingerprint, num_batches_tracked)
+    ranks = dist.get_world_size(process_group)
+    if probe:  # sizes first: vectors of different sizes would abort the collective below
+        probed = check_values.clone()
+        dist.all_reduce(probed, group=process_group)
+        _verify(probed, check_values, ranks, "forward")
     packed = torch.cat([sums.flatten(), counts, check_values])
-    dist.all_reduce(packed, group=group)
-    if check:
-        _verify(packed, check_values, dist.get_world_size(group), "forward")
+    dist.all_reduce(packed, group=process_group)
+    if verify or probe:
+        _verify(packed, check_values, ranks, "forward")
     n = packed[g * sums.shape[1] * c : g * sums.shape[1] * c + g]
     total = packed[: g * sums.shape[1] * c].view_as(sums) / n.view(g, 1, 1)
     if config.centered:
@@ -111,13 +117,13 @@ def reduce_forward(
 
 
 def reduce_backward(
-    sum_dy: Tensor, sum_dy_xhat: Tensor, group: object, base: int, check: bool | str
+    sum_dy: Tensor, sum_dy_xhat: Tensor, process_group: object, fingerprint: int, verify: bool
 ) -> tuple[Tensor, Tensor]:
     """The sums of ``dL/dy`` and ``dL/dy * x_hat`` (each (G, C)) over the ranks' matching groups."""
-    check_values = _pack_check(base, None).to(sum_dy.device)
+    check_values = _pack_check(fingerprint, None).to(sum_dy.device)
     packed = torch.cat([sum_dy.to(torch.float64).flatten(), sum_dy_xhat.to(torch.float64).flatten(), check_values])
-    dist.all_reduce(packed, group=group)
-    if check:
-        _verify(packed, check_values, dist.get_world_size(group), "backward")
+    dist.all_reduce(packed, group=process_group)
+    if verify:
+        _verify(packed, check_values, dist.get_world_size(process_group), "backward")
     k = sum_dy.numel()
     return packed[:k].view_as(sum_dy).to(sum_dy.dtype), packed[k : 2 * k].view_as(sum_dy).to(sum_dy.dtype)

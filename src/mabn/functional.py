@@ -9,10 +9,13 @@ Every layer of this package is a point of one family (see :class:`mabn.NormConfi
 * the *backward statistics*: ``g`` (centered only) and ``Psi`` of the group (``"batch"``) or their
   simple moving average over the last ``window`` groups (``"sma"``).
 
-The heavy passes over activations live in :mod:`mabn._kernels` (one pass for the statistics and one
-elementwise pass forward, one gradient reduction and two elementwise passes backward); everything
-here works on per-channel vectors. Counters and schedules are tensors, so there is no host
-synchronization and no Python branching on tensor values.
+A training call makes two passes over the activations forward (statistics, normalization) and two
+or three backward (one reduction, the gradient), all in :mod:`mabn._kernels`. Everything else is
+per-channel vector work, and it is linear in the window entries, the new statistics and the running
+statistics; :mod:`mabn._stream` tabulates the coefficients, so a call computes every statistic it
+uses with one matrix product whose coefficients its counters select. Counters stay tensors: no host
+synchronization and no Python branching on tensor values. The whole mathematics of the family is
+written out in docs/design.md.
 """
 
 from __future__ import annotations
@@ -27,9 +30,29 @@ from torch.autograd.function import once_differentiable
 
 from . import _kernels, _sync, recompute
 from ._kernels import HALF, group_view, per_group_channel, stat_dtype
+from ._stream import TableSpec, backward_coefficients, constant, forward_coefficients, forward_layout, window_means
 from .config import STAT_MODES, NormConfig
 
-__all__ = ["NormConfig", "NormState", "stream_norm", "STAT_MODES"]
+__all__ = [
+    "NormConfig",
+    "NormState",
+    "stream_norm",
+    "STAT_MODES",
+    "STATISTICS_FIELDS",
+    "COUNTER_FIELDS",
+    "STREAM_FIELDS",
+    "ACCUMULATION_FIELDS",
+    "window_means",
+]
+
+#: The fields of :class:`NormState` that hold statistics (kept in float32 at least).
+STATISTICS_FIELDS = ("running_mean", "running_var", "forward_window", "backward_window", "accum_sum")
+#: The fields that count (``torch.long``).
+COUNTER_FIELDS = ("num_batches_tracked", "forward_steps", "backward_steps", "backward_calls", "accum_calls")
+#: The moving-average windows and their counters (present when the configuration has an ``"sma"``).
+STREAM_FIELDS = ("forward_window", "forward_steps", "backward_window", "backward_steps", "backward_calls")
+#: The pending sums of an optimizer step under gradient accumulation (never saved: per step).
+ACCUMULATION_FIELDS = ("accum_sum", "accum_calls")
 
 
 class NormState(NamedTuple):
@@ -77,30 +100,29 @@ class NormState(NamedTuple):
             (torch.Size([8, 1, 4]), True)
         """
         config = config if config is not None else NormConfig()
-        fdt = stat_dtype(dtype if dtype is not None else torch.get_default_dtype())
-        f = {"device": device, "dtype": fdt}
-        long = {"device": device, "dtype": torch.long}
+        floats = {"device": device, "dtype": stat_dtype(dtype if dtype is not None else torch.get_default_dtype())}
+        longs = {"device": device, "dtype": torch.long}
         m, c = config.window, num_features
         sma_f, sma_b = config.forward_stats == "sma", config.backward_stats == "sma"
         accumulating = config.accumulate > 1
         return cls(
-            torch.zeros(c, **f) if config.centered else None,
-            torch.ones(c, **f),
-            torch.tensor(0, **long),
-            torch.zeros(m, config.num_forward_stats, c, **f) if sma_f else None,
-            torch.tensor(0, **long) if sma_f else None,
-            torch.zeros(m, config.num_backward_stats, c, **f) if sma_b else None,
-            torch.tensor(0, **long) if sma_b else None,
-            torch.tensor(0, **long) if sma_b else None,
-            torch.zeros(config.num_forward_stats + 1, c, **f) if accumulating else None,
-            torch.tensor(0, **long) if accumulating else None,
+            running_mean=torch.zeros(c, **floats) if config.centered else None,
+            running_var=torch.ones(c, **floats),
+            num_batches_tracked=torch.tensor(0, **longs),
+            forward_window=torch.zeros(m, config.num_forward_stats, c, **floats) if sma_f else None,
+            forward_steps=torch.tensor(0, **longs) if sma_f else None,
+            backward_window=torch.zeros(m, config.num_backward_stats, c, **floats) if sma_b else None,
+            backward_steps=torch.tensor(0, **longs) if sma_b else None,
+            backward_calls=torch.tensor(0, **longs) if sma_b else None,
+            accum_sum=torch.zeros(config.num_forward_stats + 1, c, **floats) if accumulating else None,
+            accum_calls=torch.tensor(0, **longs) if accumulating else None,
         )
 
 
 def check_input(
     input: Any, num_features: int, norm_batch_size: int | None, training: bool, synced: bool = False
 ) -> int:
-    """Validate ``input`` of shape (N, C, *) and return the number of groups ``G = N / B``."""
+    """Validate ``input`` of shape (N, C, *) and return the number of normalization groups ``G = N / B``."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -112,52 +134,72 @@ def check_input(
         raise ValueError(f"expected {num_features} channels (num_features), got input with C={c}")
     if not training:
         return 1
-    if n == 0:
+    if input.numel() == 0:
         if synced and norm_batch_size is None:
             return 1  # an empty rank still joins the collective of its one group
-        raise ValueError("cannot compute batch statistics of an empty batch (N=0) in training mode")
+        what = "an empty batch (N=0)" if n == 0 else f"an empty input (shape {tuple(input.shape)})"
+        raise ValueError(f"cannot compute batch statistics of {what} in training mode")
     b = n if norm_batch_size is None else norm_batch_size
     if n % b != 0:
         raise ValueError(f"the batch size N={n} is not divisible by norm_batch_size B={b}")
     return n // b
 
 
-def _sliding_mean(window: Tensor, steps: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
-    """Moving averages of a stream after pushing ``new`` (G, k, C) onto ``window`` (m, k, C).
+def _check_state(state: NormState, config: NormConfig) -> None:
+    if config.forward_stats == "sma" and state.forward_window is None:
+        raise ValueError("forward_stats='sma' needs state.forward_window and state.forward_steps")
+    if config.backward_stats == "sma" and state.backward_window is None:
+        raise ValueError("backward_stats='sma' needs state.backward_window, backward_steps and backward_calls")
+    if config.centered and state.running_mean is None:
+        raise ValueError("the centered form needs state.running_mean")
+    if config.accumulate > 1 and state.accum_sum is None:
+        raise ValueError("accumulate > 1 needs state.accum_sum and state.accum_calls")
 
-    Returns the mean over the window ending at each new entry (G, k, C) and the window after the
-    push. Entries before the start of the stream are zeros and are left out of the count. The
-    entries are divided by m before they are summed, so the averages of finite entries are finite.
+
+@dataclasses.dataclass
+class _Step:
+    """What one training call is, besides its tensors.
+
+    ``group_numel`` is the number of values per channel in a normalization group: an int, or a
+    (G,) tensor of the union's counts when the statistics are synced over ``process_group``.
+    ``verify_sync`` reads the ranks' fingerprints after each collective and ``probe_sync`` also
+    compares them in a collective of their own first (see :mod:`mabn._sync`). ``last_call`` (a
+    0-dim bool tensor, None without accumulation) says whether the call ends its optimizer step.
     """
-    m, g = window.shape[0], new.shape[0]
-    seq = torch.cat([window, new if new.dtype == window.dtype else new.to(window.dtype)], dim=0)
-    scaled = seq / m
-    if g == 1:
-        sums = scaled[1:].sum(dim=0, keepdim=True)
-        count = (steps + 1).clamp_(max=m)
-    else:
-        sums = scaled.unfold(0, m, 1)[1:].sum(dim=-1)  # (G, k, C): over the m entries ending at each new one
-        count = (steps + torch.arange(1, g + 1, device=steps.device)).clamp_(max=m).view(g, 1, 1)
-    return sums / count * m, seq[g:]  # the integer count promotes to the sums' dtype
+
+    num_groups: int
+    group_numel: int | Tensor
+    local_numel: int
+    process_group: Any = None
+    fingerprint: int = 0
+    verify_sync: bool = False
+    probe_sync: bool = False
+    last_call: Tensor | None = None
 
 
-def _all_finite(*tensors: Tensor | None) -> Tensor:
-    """0-dim bool: no inf or NaN in any of ``tensors`` (NaN fails the comparison)."""
-    flags = [t.abs().lt(math.inf).all() for t in tensors if t is not None]
-    result = flags[0]
-    for flag in flags[1:]:
-        result = result & flag
-    return result
+class _Used(NamedTuple):
+    """The statistics a training call normalizes with, each (G, C): what its backward needs."""
+
+    var_eps: Tensor  # the variance (second moment) plus eps
+    mean: Tensor  # rows of zeros in the uncentered form (what the native kernels subtract)
+    r: Tensor | None
+    d: Tensor | None
 
 
-def _unpack(packed: Tensor, config: NormConfig) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(var, r, mean, d), each (G, C) or None, from the rows of ``packed`` that ``config`` has."""
-    rows = iter(packed.unbind(0))
-    var = next(rows)
-    r = next(rows) if config.renorm else None
-    mean = next(rows) if config.centered else None
-    d = next(rows) if config.centered and config.renorm else None
-    return var, r, mean, d
+def _all_finite(t: Tensor) -> Tensor:
+    """0-dim bool: no inf or NaN in ``t`` (the largest magnitude is finite; NaN propagates)."""
+    return torch.linalg.vector_norm(t, math.inf) < math.inf
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _times(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a * b where None stands for 1."""
+    if a is None:
+        return b
+    return a if b is None else a * b
 
 
 def _sum_groups(v: Tensor) -> Tensor:
@@ -165,160 +207,206 @@ def _sum_groups(v: Tensor) -> Tensor:
     return v[0] if v.shape[0] == 1 else v.sum(0)
 
 
-def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    """a * b where None stands for 1."""
-    if a is None:
-        return b
-    return a if b is None else a * b
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-@dataclasses.dataclass
-class _Step:
-    """What the backward of one training call needs besides tensors saved for it.
-
-    ``count`` is the number of elements per channel in a group: an int, or a (G,) tensor of the
-    union's counts when the statistics are synced over ``group``. ``last_call`` (a 0-dim bool
-    tensor, None without accumulation) says whether the call ends its optimizer step.
-    """
-
-    groups: int
-    count: int | Tensor
-    group: Any = None
-    fingerprint: int = 0
-    check: bool | str = False
-    last_call: Tensor | None = None
+def _native_ok(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the native kernels take ``x`` with per-channel vectors in ``dtype``."""
+    return x.dtype == dtype or (x.dtype in HALF and dtype == torch.float32)
 
 
 class _NormFunction(torch.autograd.Function):
     """y = gamma * r * (x - mu) / sqrt(var + eps) + gamma * d + beta per (group, channel).
 
-    Forward inputs are the activations and affine parameters; the per-(group, channel) statistics
-    come precomputed in ``packed`` (see :func:`_unpack`). The backward reduces ``dy`` once, forms
-    ``g``/``Psi`` (optionally averaged over the backward window, which it advances in place), and
-    writes ``dx`` in two elementwise passes.
+    The per-(group, channel) statistics come precomputed (:class:`_Used`); the backward reduces
+    ``dy`` once, forms ``g``/``Psi`` (optionally averaged over the backward window, which it
+    advances in place), and writes ``dx``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, packed, state, config, step):
-        var, r, mean, d = _unpack(packed, config)
-        ctx.save_for_backward(x, weight, packed)
-        ctx.state, ctx.config, ctx.step, ctx.first_backward = state, config, step, None
+    def forward(ctx, x, weight, bias, used, state, config, step):
+        var, mean, r, d = used
         gamma, beta = _cast(weight, var.dtype), _cast(bias, var.dtype)
         if d is not None:
             gd = d if gamma is None else gamma * d
             beta = gd if beta is None else beta + gd
-        groups = step.groups
-        native_ok = x.dtype == var.dtype or (x.dtype in HALF and var.dtype == torch.float32)
-        if native_ok and _kernels.choose("normalize", x, groups) == "native":
-            # One group: the native inference kernel computes (x - mean) / sqrt(var + eps) * w + b in
-            # one pass on every layout and returns a fresh tensor in the input's format.
-            center = mean[0] if mean is not None else torch.zeros_like(var[0])
-            w = _product(gamma, r[0] if r is not None else None)
+        gr = _times(gamma, r)  # (C,) or (G, C): dL/dz = gr * dL/dy, z the normalized input
+        ctx.save_for_backward(x, weight, gr, *used)
+        ctx.state, ctx.config, ctx.step, ctx.first_backward = state, config, step, None
+        if step.num_groups == 1 and _native_ok(x, var.dtype):
+            # The native inference kernel: (x - mean) / sqrt(var_eps) * w + b in one pass on every
+            # layout, into a fresh tensor in the input's memory format.
+            w = gr[0] if gr is not None and gr.dim() == 2 else gr
             b = beta[0] if beta is not None and beta.dim() == 2 else beta
-            return torch.native_batch_norm(x, w, b, center, var[0], False, 0.0, config.eps)[0]
-        invstd = torch.rsqrt(var + config.eps)
-        scale = _product(_product(invstd, r), gamma)  # (G, C)
-        shift = -scale * mean if mean is not None else torch.zeros_like(scale)
-        if beta is not None:
-            shift = shift + beta
-        xv = group_view(x, groups)
-        nd = xv.dim()
-        # Written through a view into a fresh tensor, so the output is not a view (in-place ops
-        # such as ReLU(inplace=True) may follow) and keeps the input's memory format.
-        y = torch.empty_like(x)
-        affine = (per_group_channel(shift, nd), xv, per_group_channel(scale, nd))
-        if y.dtype == scale.dtype:
-            torch.addcmul(*affine, out=group_view(y, groups))
-        else:
-            group_view(y, groups).copy_(torch.addcmul(*affine))
-        return y
+            return torch.native_batch_norm(x, w, b, mean[0], var[0], False, 0.0, 0.0)[0]
+        return _grouped_normalize(x, var, mean, gr, beta, step.num_groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, packed = ctx.saved_tensors
+        x, weight, gr, var, mean, r, d = ctx.saved_tensors
         config, step = ctx.config, ctx.step
-        groups = step.groups
-        var, r, mean, d = _unpack(packed, config)
-        invstd = torch.rsqrt(var + config.eps)
-        (sum_dy, sum_dy_xhat), (local_dy, local_dy_xhat) = _grad_sums(dy, x, mean, invstd, step)
-
-        grad_x = grad_weight = grad_bias = None
-        gamma = _cast(weight, var.dtype)
-        gr = _product(gamma, r)  # dL/dz = gamma * r * dL/dy, z the normalized input
-        count = step.count.to(var.dtype).view(-1, 1) if isinstance(step.count, Tensor) else step.count
-        gr_n = gr / count if gr is not None else None
-        psi = sum_dy_xhat * gr_n if gr_n is not None else sum_dy_xhat / count
-        if config.centered:
-            g = sum_dy * gr_n if gr_n is not None else sum_dy / count
-            stats = torch.stack([g, psi], dim=1)
+        if _native_training_backward_ok(x, dy, var, config, step):
+            grad_x, sum_dy_xhat, sum_dy = _native_training_backward(ctx, dy, x, gr, var, mean)
         else:
-            stats = psi.unsqueeze(1)
-        if config.backward_stats == "sma":
-            # The stream advances on every backward, whether or not this call needs dL/dx.
-            stats = _advance_backward_stream(ctx, stats)
-        if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(dy, x, gr, invstd, mean, stats, groups, config.centered)
+            grad_x, sum_dy_xhat, sum_dy = _stream_backward(ctx, dy, x, gr, var, mean)
+        grad_weight = grad_bias = None
         # The affine gradients are this process's own (DDP averages them over the ranks).
         if weight is not None and ctx.needs_input_grad[1]:
-            gw = local_dy_xhat if r is None else r * local_dy_xhat
+            gw = sum_dy_xhat if r is None else r * sum_dy_xhat
             if d is not None:
-                gw = gw + d * local_dy
+                gw = gw + d * sum_dy
             grad_weight = _sum_groups(gw).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = _sum_groups(local_dy).to(dy.dtype if weight is None else weight.dtype)
+            grad_bias = _sum_groups(sum_dy).to(dy.dtype if weight is None else weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _grad_sums(
-    dy: Tensor, x: Tensor, mean: Tensor | None, invstd: Tensor, step: _Step
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Per-group sums of dL/dy and dL/dy * x_hat: (the union's over the ranks when synced, this process's)."""
-    groups = step.groups
-    if x.numel() == 0:
-        zeros = torch.zeros(groups, x.shape[1], dtype=invstd.dtype, device=invstd.device)
-        local = (zeros, zeros.clone())
+def _grouped_normalize(
+    x: Tensor, var_eps: Tensor, mean: Tensor, scale: Tensor | None, beta: Tensor | None, groups: int
+) -> Tensor:
+    """The normalization of G groups with one ``addcmul`` on a group view."""
+    factor = torch.rsqrt(var_eps)
+    if scale is not None:
+        factor = factor * scale
+    shift = -factor * mean
+    if beta is not None:
+        shift = shift + beta
+    xv = group_view(x, groups)
+    nd = xv.dim()
+    # Written through a view into a fresh tensor, so the output is not a view (in-place ops such as
+    # ReLU(inplace=True) may follow) and keeps the input's memory format.
+    y = torch.empty_like(x)
+    affine = (per_group_channel(shift, nd), xv, per_group_channel(factor, nd))
+    if y.dtype == factor.dtype:
+        torch.addcmul(*affine, out=group_view(y, groups))
     else:
-        path = _kernels.choose("grad_sums", x, groups, dy)
-        local = _kernels.grad_sums(dy, x, mean, invstd, groups, path)
-    if step.group is None:
-        return local, local
-    return _sync.reduce_backward(*local, step.group, step.fingerprint, step.check), local
+        group_view(y, groups).copy_(torch.addcmul(*affine))
+    return y
+
+
+def _native_training_backward_ok(x: Tensor, dy: Tensor, var: Tensor, config: NormConfig, step: _Step) -> bool:
+    """BatchNorm's own backward applies: centered, batch statistics backward, one local group."""
+    return (
+        config.centered
+        and config.backward_stats == "batch"
+        and step.num_groups == 1
+        and step.process_group is None
+        and x.dtype == var.dtype
+        and dy.dtype == var.dtype
+        and x.numel() > 0
+    )
+
+
+def _native_training_backward(
+    ctx: Any, dy: Tensor, x: Tensor, gr: Tensor | None, var_eps: Tensor, mean: Tensor
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """dx, sum(dy * x_hat) and sum(dy) of one centered group with batch statistics, in one native call."""
+    invstd = torch.rsqrt(var_eps[0])
+    w = gr[0] if gr is not None and gr.dim() == 2 else gr
+    mask = [ctx.needs_input_grad[0], True, True]
+    grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, None, None, mean[0], invstd, True, 0.0, mask
+    )
+    return grad_x, sum_dy_xhat.unsqueeze(0), sum_dy.unsqueeze(0)
+
+
+def _stream_backward(
+    ctx: Any, dy: Tensor, x: Tensor, gr: Tensor | None, var: Tensor, mean: Tensor
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """dx from this call's (g, Psi) or their moving averages; returns dx and the local sums."""
+    config, step = ctx.config, ctx.step
+    groups = step.num_groups
+    fused = groups == 1 and ctx.needs_input_grad[0] and x.numel() > 0 and x.dtype == var.dtype == dy.dtype
+    center = mean if config.centered else None
+    partial, (sum_dy, sum_dy_xhat) = _gradient_sums(dy, x, gr, var, mean, center, step, fused)
+    local = (sum_dy, sum_dy_xhat)
+    if step.process_group is not None:
+        sum_dy, sum_dy_xhat = _sync.reduce_backward(
+            sum_dy, sum_dy_xhat, step.process_group, step.fingerprint, step.verify_sync
+        )
+    n = step.group_numel.to(var.dtype).view(-1, 1) if isinstance(step.group_numel, Tensor) else step.group_numel
+    gr_n = gr / n if gr is not None else None
+    psi = sum_dy_xhat * gr_n if gr_n is not None else sum_dy_xhat / n
+    if config.centered:
+        g = sum_dy * gr_n if gr_n is not None else sum_dy / n
+        stats = torch.cat([g, psi])  # statistic-major: (2G, C)
+    else:
+        stats = psi
+    if config.backward_stats == "sma":
+        # The stream advances on every backward, whether or not this call needs dL/dx.
+        stats = _advance_backward_stream(ctx, stats)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input(dy, x, gr, var, mean, stats, config, groups, partial)
+    return grad_x, local[1], local[0]
+
+
+def _gradient_sums(
+    dy: Tensor,
+    x: Tensor,
+    gr: Tensor | None,
+    var_eps: Tensor,
+    mean: Tensor,
+    center: Tensor | None,
+    step: _Step,
+    fused: bool,
+) -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
+    """Per-group sums of dL/dy and dL/dy * x_hat, (G, C) each; with ``fused`` also ``gr * invstd * dy``.
+
+    ``mean`` is what the native kernels subtract (zeros in the uncentered form), ``center`` the
+    mean or None. The fused form is one native backward call in evaluation mode: it reduces and
+    writes the first term of dx in the same call.
+    """
+    groups = step.num_groups
+    if x.numel() == 0:
+        zeros = torch.zeros(groups, x.shape[1], dtype=var_eps.dtype, device=var_eps.device)
+        return None, (zeros, zeros.clone())
+    if fused and _kernels.choose("grad_sums", x, groups, dy) == "native":
+        w = gr[0] if gr is not None and gr.dim() == 2 else gr
+        partial, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, mean[0], var_eps[0], None, None, False, 0.0, [True, True, True]
+        )
+        return partial, (sum_dy.unsqueeze(0), sum_dy_xhat.unsqueeze(0))
+    invstd = torch.rsqrt(var_eps)
+    path = _kernels.choose("grad_sums", x, groups, dy)
+    return None, _kernels.grad_sums(dy, x, center, invstd, groups, path)
 
 
 def _grad_input(
     dy: Tensor,
     x: Tensor,
     gr: Tensor | None,
-    invstd: Tensor,
-    mean: Tensor | None,
+    var_e: Tensor,
+    mean: Tensor,
     stats: Tensor,
+    config: NormConfig,
     groups: int,
-    centered: bool,
+    partial: Tensor | None,
 ) -> Tensor:
-    """dx = a * dy + b * x + c per (group, channel), in two elementwise passes."""
-    a = _product(gr, invstd)
-    b = invstd.square().mul_(stats[:, -1]).neg_()
+    """dx = a * dy + b * x + c per (group, channel), with b = -Psi / (var + eps), c = -(b * mean + g * invstd)."""
+    psi = stats[-groups:]
+    b = psi / var_e  # the negative of b
+    c = None
+    if config.centered:
+        c = b * mean - stats[:groups] * var_e.rsqrt()
+    if partial is not None:  # a * dy already written by the native call (one group)
+        grad = partial.addcmul_(x, per_group_channel(b, x.dim() + 1)[0], value=-1)
+        return grad if c is None else grad.add_(per_group_channel(c, x.dim() + 1)[0])
+    a = _times(gr, var_e.rsqrt()) if gr is not None else var_e.rsqrt()
     dyv, xv = group_view(dy, groups), group_view(x, groups)
     nd = xv.dim()
-    if centered:
-        c = -b * mean - invstd * stats[:, 0]
+    if c is not None:
         grad = torch.addcmul(per_group_channel(c, nd), dyv, per_group_channel(a, nd))
     else:
         grad = torch.mul(dyv, per_group_channel(a, nd))
-    if grad.dtype != invstd.dtype:
-        grad = grad.to(invstd.dtype)
-    grad.addcmul_(xv, per_group_channel(b, nd))
+    if grad.dtype != var_e.dtype:
+        grad = grad.to(var_e.dtype)
+    grad.addcmul_(xv, per_group_channel(b, nd), value=-1)
     grad_x = grad.flatten(0, 1)
     return grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
 
 
 def _advance_backward_stream(ctx: Any, stats: Tensor) -> Tensor:
-    """Push this backward's (g, Psi) into the backward window; return the statistics to use.
+    """Push this backward's statistics (statistic-major, (k * G, C)) into the backward window and
+    return the ones to use.
 
     A further backward pass through the same graph (``retain_graph=True``) pushes nothing: it uses the
     linear part of the moving average (its own statistics over the count the first pass saw) and adds
@@ -327,29 +415,40 @@ def _advance_backward_stream(ctx: Any, stats: Tensor) -> Tensor:
     """
     state, config, step = ctx.state, ctx.config, ctx.step
     window, steps, calls = state.backward_window, state.backward_steps, state.backward_calls
-    warmup = config.warmup_iters > 1
-    if ctx.first_backward is None:
-        in_warmup = calls < config.warmup_iters - 1 if warmup else None
-        steps_before = steps.clone()
-        sma, new_window = _sliding_mean(window, steps, stats)
-        used = torch.where(in_warmup, stats, sma.to(stats.dtype)) if warmup else sma.to(stats.dtype)
-        finite = _all_finite(stats, used)
-        with torch.no_grad():
-            window.copy_(torch.where(finite, new_window, window))
-            steps.add_(finite, alpha=stats.shape[0])
-            calls.add_(finite if step.last_call is None else finite & step.last_call)
-        ctx.first_backward = (steps_before, in_warmup, steps.clone())
-        return used
-    steps_before, in_warmup, steps_after = ctx.first_backward
-    linear = _sliding_mean(torch.zeros_like(window), steps_before, stats)[0].to(stats.dtype)
-    used = torch.where(in_warmup, stats, linear) if warmup else linear
-    m, g = window.shape[0], stats.shape[0]
+    m, k, c = window.shape
+    g = step.num_groups
+    entries = stats.view(k, g, c).transpose(0, 1)  # (G, k, C)
+    if ctx.first_backward is not None:
+        return _repeat_backward(ctx, entries, stats)
+    coefficients = backward_coefficients(TableSpec.of(config), g, calls, steps, stats.dtype)
+    seq = torch.cat([window.view(m * k, c).to(stats.dtype), entries.reshape(g * k, c)])
+    used = torch.mm(coefficients, seq)
+    finite = _all_finite(used)
+    with torch.no_grad():
+        new_window = seq[g * k :].view(m, k, c)
+        torch.where(finite, new_window.to(window.dtype), window, out=window)
+        counted = finite if step.last_call is None else finite & step.last_call
+        _increment([(steps, finite, g), (calls, counted, 1)])
+    # The window's version counter tells a second backward whether anything changed it since.
+    ctx.first_backward = (coefficients, finite, window._version)
+    return used
+
+
+def _repeat_backward(ctx: Any, entries: Tensor, stats: Tensor) -> Tensor:
+    """A second backward pass through the same call (see :func:`_advance_backward_stream`)."""
+    window = ctx.state.backward_window
+    m, k, c = window.shape
+    g = entries.shape[0]
+    coefficients, pushed, version = ctx.first_backward
+    used = torch.mm(coefficients[:, m * k :], entries.reshape(g * k, c))
+    if window._version != version:
+        return used  # another call advanced the window since: its entries are not this call's any more
     j = min(m, g)
     addition = torch.zeros_like(window)
-    addition[m - j :] = stats[g - j :]
-    unchanged = (steps == steps_after) & (steps_after > steps_before) & _all_finite(stats)
+    addition[m - j :] = entries[g - j :].to(window.dtype)
     with torch.no_grad():
-        window.add_(torch.where(unchanged, addition, 0.0))
+        window.add_(torch.where(pushed & _all_finite(stats), addition, 0.0))
+    ctx.first_backward = (coefficients, pushed, window._version)
     return used
 
 
@@ -368,11 +467,9 @@ def _eval_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, sta
     )
 
 
-def _batch_statistics(
-    x: Tensor, state: NormState, config: NormConfig, groups: int, dtype: torch.dtype, step: _Step
-) -> Tensor:
+def _batch_statistics(x: Tensor, state: NormState, config: NormConfig, dtype: torch.dtype, step: _Step) -> Tensor:
     """(G, k, C) statistics of each group, (mean, variance) or (E[x^2],); the union's when synced."""
-    c = x.shape[1]
+    groups, c = step.num_groups, x.shape[1]
     if x.numel() == 0:  # an empty rank of a synced layer
         batch = torch.zeros(groups, config.num_forward_stats, c, dtype=dtype, device=x.device)
     elif config.centered:
@@ -383,71 +480,151 @@ def _batch_statistics(
     else:
         path = _kernels.choose("second_moment", x, groups)
         batch = _kernels.second_moment(x, groups, dtype, path).unsqueeze(1)
-    if step.group is None:
+    if step.process_group is None:
         return batch
-    shift = _cast(state.running_mean, dtype)
-    batch, step.count = _sync.reduce_forward(
-        batch, step.count, shift, config, step.group, state.num_batches_tracked, step.fingerprint, step.check
+    batch, step.group_numel = _sync.reduce_forward(
+        batch,
+        step.group_numel,
+        _cast(state.running_mean, dtype),
+        config,
+        step.process_group,
+        state.num_batches_tracked,
+        step.fingerprint,
+        verify=step.verify_sync,
+        probe=step.probe_sync,
     )
     return batch
 
 
-def _renorm_factors(
-    used_var: Tensor,
-    used_mean: Tensor | None,
-    running_var: Tensor,
-    running_mean: Tensor | None,
-    count: Tensor,
-    config: NormConfig,
-) -> tuple[Tensor | None, Tensor | None]:
-    """The clipped renormalization r (and d, centered) towards the running statistics; None when off."""
-    if not config.renorm:
-        return None, None
-    running_ve = running_var + config.eps
-    r = ((used_var + config.eps) / running_ve).sqrt_().clamp_(1.0 / config.r_max, config.r_max)
-    d = None
+class _ForwardStep(NamedTuple):
+    """The statistics a training call uses and the buffer updates it makes once its output exists."""
+
+    used: _Used
+    updates: list[tuple[Tensor, Tensor, Tensor | None]]  # (buffer, new value, condition or None: always)
+    increments: list[tuple[Tensor, Tensor, int]]  # (counter, condition, amount)
+
+
+@torch.no_grad()
+def _forward_statistics(x: Tensor, state: NormState, config: NormConfig, step: _Step) -> _ForwardStep:
+    """Every statistic of a training call from one matrix product, and the buffer updates it makes."""
+    groups, c, k = step.num_groups, x.shape[1], config.num_forward_stats
+    dtype = stat_dtype(x.dtype)
+    if dtype != state.running_var.dtype:
+        dtype = torch.promote_types(dtype, state.running_var.dtype)
+    if config.accumulate > 1:
+        step.last_call = state.accum_calls == config.accumulate - 1
+    batch = _batch_statistics(x, state, config, dtype, step)
+    _check_group_size(step, config)
+    spec = TableSpec.of(config)
+    layout = forward_layout(spec, groups)
+    running = [state.running_mean, state.running_var] if config.centered else [state.running_var]
+    parts = [batch.reshape(groups * k, c), *(t.view(1, c) for t in running), constant("one", (1, c), dtype, x.device)]
+    if state.forward_window is not None and config.forward_stats == "sma":
+        parts.insert(0, state.forward_window.view(-1, c))
+    rows = torch.cat(parts) if all(p.dtype == dtype for p in parts) else torch.cat([p.to(dtype) for p in parts])
+    coefficients = forward_coefficients(spec, groups, state.num_batches_tracked, state.forward_steps, dtype)
+    out = torch.mm(coefficients, rows)
+    targets = out[layout.target]
     if config.centered:
-        d = ((used_mean - running_mean) * running_ve.rsqrt()).clamp_(-config.d_max, config.d_max)
-    if config.renorm_warmup_iters > 0:  # r = 1, d = 0 while the count is at most renorm_warmup_iters
-        active = count > config.renorm_warmup_iters
-        r = torch.where(active, r, 1.0)
-        d = torch.where(active, d, 0.0) if d is not None else None
-    return r, d
+        _unbias(targets, step)
+    old_running = rows[-k - 1 : -1]
+    updates: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    increments: list[tuple[Tensor, Tensor, int]] = []
+    if config.accumulate > 1:
+        finite, stored = _accumulate(state, config, out, layout, old_running, step, updates, increments)
+    else:
+        torch.lerp(old_running, targets, _ema_weight(state, config, dtype), out=out[layout.running])
+        finite = stored = _all_finite(out)
+    # A call whose statistics are not finite outputs NaN: the loss shows it and a scaler skips it.
+    out = torch.where(finite, out, constant("nan", (), out.dtype, out.device))
+    used = _used_statistics(out, layout, config, groups)
+    for buffer, value in zip(running, out[layout.running]):
+        updates.append((buffer, value, stored))
+    increments.append((state.num_batches_tracked, stored, 1))
+    if config.forward_stats == "sma":
+        m = state.forward_window.shape[0]
+        updates.append((state.forward_window, rows[groups * k : (m + groups) * k].view(m, k, c), finite))
+        increments.append((state.forward_steps, finite, groups))
+    return _ForwardStep(used, updates, increments)
 
 
-def _running_updates(
+def _check_group_size(step: _Step, config: NormConfig) -> None:
+    """The centered form needs two values per channel in a group; synced, the union's count decides."""
+    if not config.centered:
+        return
+    n = step.group_numel
+    if isinstance(n, Tensor):
+        # Read only when this rank alone has fewer than two values: then every rank reads the same union.
+        if step.local_numel >= 2 or int(n.min()) >= 2:
+            return
+        n = int(n.min())
+    if n < 2:
+        raise ValueError(
+            f"the centered form needs more than 1 value per channel in a normalization group, got {n}"
+            + (" over the ranks of the process group" if step.process_group is not None else "")
+        )
+
+
+def _unbias(targets: Tensor, step: _Step) -> None:
+    """Bessel's correction n / (n - 1) of the running-variance target, in place (n values per group).
+
+    Synced, ``n`` is the union's count, a tensor; it is the same for every group of the call, since
+    each rank splits its batch into groups of equal size.
+    """
+    n = step.group_numel
+    if isinstance(n, Tensor):
+        n = n[0].to(targets.dtype)
+    targets[-1].mul_(n / (n - 1))
+
+
+def _ema_weight(state: NormState, config: NormConfig, dtype: torch.dtype) -> float | Tensor:
+    """The weight of the new value in the running statistics: ``momentum``, or 1 / count (cumulative)."""
+    if config.momentum is not None:
+        return config.momentum
+    return (state.num_batches_tracked + 1).to(dtype).reciprocal()
+
+
+def _accumulate(
     state: NormState,
     config: NormConfig,
-    targets: Tensor,
-    running: Tensor,
-    count: Tensor,
-    finite: Tensor,
+    out: Tensor,
+    layout: Any,
+    old_running: Tensor,
     step: _Step,
-) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
-    """Buffer updates of the running statistics from this call's ``targets`` (k, C): (var[, mean]).
+    updates: list,
+    increments: list,
+) -> tuple[Tensor, Tensor]:
+    """With ``accumulate = K``: sum the targets of the step's calls, move the running statistics once.
 
-    Without accumulation the EMA moves once per call. With ``accumulate = K`` the targets of the K
-    calls of a step are summed in ``accum_sum`` and the EMA moves once, at the step's last call,
-    towards their mean. Returns the counter updates, the new running values and whether to store them.
+    Returns whether the call's statistics are finite and whether the running statistics move now.
     """
-    weight = config.momentum if config.momentum is not None else count.to(running.dtype).reciprocal()
-    nbt = state.num_batches_tracked
-    if config.accumulate == 1:
-        new = running.lerp(targets, weight)
-        ok = finite & _all_finite(new)
-        return [(nbt, nbt + ok)], new, ok
-    k = targets.shape[0]
-    pending = state.accum_sum + torch.where(finite, torch.cat([targets, torch.ones_like(targets[:1])]), 0.0)
+    k = old_running.shape[0]
+    targets = out[layout.target]
+    stats_finite = _all_finite(out[: layout.running.start])
+    entry = torch.cat([targets, torch.ones_like(targets[:1])])
+    pending = state.accum_sum + torch.where(stats_finite, entry, 0.0)
+    count = pending[k:].clamp(min=1.0)
+    torch.lerp(old_running, pending[:k] / count, _ema_weight(state, config, out.dtype), out=out[layout.running])
+    finite = _all_finite(out)
     last = step.last_call
-    n = pending[k:].clamp(min=1.0)
-    new = running.lerp(pending[:k] / n, weight)
-    ok = last & (pending[k, 0] > 0) & _all_finite(new)
-    updates = [
-        (nbt, nbt + ok),
-        (state.accum_sum, torch.where(last, torch.zeros_like(pending), pending)),
-        (state.accum_calls, (state.accum_calls + 1) % config.accumulate),
-    ]
-    return updates, new, ok
+    stored = last & (pending[k, 0] > 0) & finite
+    updates.append((state.accum_sum, torch.where(last, 0.0, pending), None))
+    calls = state.accum_calls
+    updates.append((calls, (calls + 1) % config.accumulate, None))
+    return finite, stored
+
+
+def _used_statistics(out: Tensor, layout: Any, config: NormConfig, groups: int) -> _Used:
+    """The (G, C) statistics of the normalization from the step's output rows (already NaN-masked)."""
+    var = out[layout.var]
+    mean = out[layout.mean] if layout.zero is None else out[layout.zero].expand(groups, -1)
+    r = d = None
+    if config.renorm:
+        den, bounds = out[layout.den], out[layout.bounds]
+        r = torch.clamp(var / den, bounds[0], bounds[1]).sqrt_()
+        if config.centered:
+            d = (out[layout.shift] * den.rsqrt()).clamp_(-config.d_max, config.d_max)
+    return _Used(var, mean, r, d)
 
 
 def stream_norm(
@@ -489,11 +666,15 @@ def stream_norm(
             ``None`` for this process's statistics only. Default: ``None``.
         sync_check: compare the ranks' calls (see :mod:`mabn._sync`): ``True`` also runs a
             two-number collective first, as a layer does on its first training call; ``None``
-            reads the fingerprint of CPU collectives only, where it costs nothing extra.
-            Default: ``None``.
+            reads the fingerprint of CPU collectives only, where it costs nothing extra; ``False``
+            checks nothing. Default: ``None``.
 
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.
+
+    Raises:
+        ValueError: an input whose shape does not fit (channels, N not divisible by the normalization
+            batch, an empty input in training mode), or a centered group of one value per channel.
 
     Example::
 
@@ -508,92 +689,54 @@ def stream_norm(
     c = int(state.running_var.shape[0])
     synced = process_group is not None and training and _sync.world_size(process_group) > 1
     groups = check_input(input, c, config.norm_batch_size, training, synced)
-    if config.forward_stats == "sma" and state.forward_window is None:
-        raise ValueError("forward_stats='sma' needs state.forward_window and state.forward_steps")
-    if config.backward_stats == "sma" and state.backward_window is None:
-        raise ValueError("backward_stats='sma' needs state.backward_window, backward_steps and backward_calls")
-    if config.centered and state.running_mean is None:
-        raise ValueError("the centered form needs state.running_mean")
-    if config.accumulate > 1 and state.accum_sum is None:
-        raise ValueError("accumulate > 1 needs state.accum_sum and state.accum_calls")
+    _check_state(state, config)
     if not training:
         return _eval_forward(input, weight, bias, state, config.eps)
 
     key = id(state.running_var)
     replay = recompute.replayed(key)
     if replay is not None:  # the recomputation of a checkpointed segment: the original call's statistics
-        packed, step = replay
-        return _NormFunction.apply(input, weight, bias, packed, state, config, step)
+        used, step = replay
+        return _NormFunction.apply(input, weight, bias, used, state, config, step)
 
-    step = _Step(groups, input.numel() // (c * groups))
-    if config.centered and step.count < 2 and not synced:
-        raise ValueError(
-            f"the centered form needs more than 1 value per channel in a normalization group, got "
-            f"input shape {tuple(input.shape)} with norm_batch_size={config.norm_batch_size}"
-        )
+    numel = input.numel() // (c * groups)
+    step = _Step(groups, numel, numel)
     if synced:
-        step.group, step.fingerprint = process_group, _sync.fingerprint(c, groups, config)
-        step.check = "first" if sync_check else (sync_check is None and input.device.type == "cpu")
-    packed, updates = _forward_step(input.detach(), state, config, step)
-    output = _NormFunction.apply(input, weight, bias, packed, state, config, step)
-    recompute.record(key, (packed, step))
+        step.process_group, step.fingerprint = process_group, _sync.fingerprint(c, groups, config)
+        step.probe_sync = bool(sync_check)
+        step.verify_sync = bool(sync_check) or (sync_check is None and input.device.type == "cpu")
+    elif config.centered and numel < 2:
+        _check_group_size(step, config)
+    if torch.is_autocast_enabled(input.device.type):
+        # The statistics stay in their own dtype: autocast would run the stream's products in half.
+        with torch.autocast(input.device.type, enabled=False):
+            forward = _forward_statistics(input.detach(), state, config, step)
+    else:
+        forward = _forward_statistics(input.detach(), state, config, step)
+    output = _NormFunction.apply(input, weight, bias, forward.used, state, config, step)
+    recompute.record(key, (forward.used, step))
     # The buffers move only once the output exists, so an error above leaves the layer as it was.
-    with torch.no_grad():
-        for buffer, value in updates:
-            buffer.copy_(value)
+    _commit(forward)
     return output
 
 
 @torch.no_grad()
-def _forward_step(
-    x: Tensor, state: NormState, config: NormConfig, step: _Step
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """The statistics this call uses, packed for the backward, and the buffer updates it makes."""
-    groups = step.groups
-    dtype = torch.promote_types(stat_dtype(x.dtype), state.running_var.dtype)
-    if config.accumulate > 1:
-        step.last_call = state.accum_calls == config.accumulate - 1
-    batch = _batch_statistics(x, state, config, groups, dtype, step)
-    count = state.num_batches_tracked + 1  # this step, 1-based
-    stats, new_window = batch, None
-    if config.forward_stats == "sma":
-        sma, new_window = _sliding_mean(state.forward_window, state.forward_steps, batch)
-        sma = _cast(sma, dtype)
-        # In warm-up while the count is below warmup_iters, which never holds for warmup_iters <= 1.
-        stats = torch.where(count < config.warmup_iters, batch, sma) if config.warmup_iters > 1 else sma
-    used_mean = stats[:, 0] if config.centered else None
-    used_var = stats[:, -1]
-    running_var = _cast(state.running_var, dtype)
-    running_mean = _cast(state.running_mean, dtype) if config.centered else None
-    r, d = _renorm_factors(used_var, used_mean, running_var, running_mean, count, config)
-    rows = [used_var] + ([r] if r is not None else []) + ([used_mean] if config.centered else [])
-    # Everything the backward needs in one tensor: torch.compile's partitioner never recomputes a
-    # `stack` in the backward, so the backward cannot re-read buffers this forward has updated.
-    packed = torch.stack(rows + ([d] if d is not None else []))
-    finite = _all_finite(packed)
-
-    # Running (EMA) statistics from the mean over the call's groups (unbiased variance, centered).
-    var_target = used_var * _unbiased(step.count, used_var) if config.centered else used_var
-    targets = [var_target.mean(0) if groups > 1 else var_target[0]]
-    running = [running_var]
-    if config.centered:
-        targets.append(used_mean.mean(0) if groups > 1 else used_mean[0])
-        running.append(running_mean)
-    updates, new, ok = _running_updates(state, config, torch.stack(targets), torch.stack(running), count, finite, step)
-    keep = finite & _all_finite(new)
-    updates.append((state.running_var, torch.where(ok, new[0], running_var)))
-    if config.centered:
-        updates.append((state.running_mean, torch.where(ok, new[1], running_mean)))
-    if new_window is not None:
-        updates.append((state.forward_window, torch.where(keep, new_window, state.forward_window)))
-        updates.append((state.forward_steps, state.forward_steps.add(keep, alpha=groups)))
-    # A call whose statistics are not finite outputs NaN: the loss shows it and a scaler skips it.
-    return packed.masked_fill(~finite, math.nan), updates
+def _commit(forward: _ForwardStep) -> None:
+    for buffer, value, condition in forward.updates:
+        if value.dtype != buffer.dtype:
+            value = value.to(buffer.dtype)
+        if condition is None:
+            buffer.copy_(value)
+        else:
+            torch.where(condition, value, buffer, out=buffer)
+    _increment(forward.increments)
 
 
-def _unbiased(count: int | Tensor, like: Tensor) -> Tensor | float:
-    """n / (n - 1) per group: Bessel's correction of the running variance (n elements per channel)."""
-    if isinstance(count, Tensor):
-        n = count.to(like.dtype).view(-1, 1)
-        return n / (n - 1)
-    return count / (count - 1) if count > 1 else math.inf
+def _increment(increments: list[tuple[Tensor, Tensor, int]]) -> None:
+    """counter += amount * condition for each entry, in one operation when the amounts agree."""
+    counters = [counter for counter, _, _ in increments]
+    _, first, amount = increments[0]
+    if all(c is first and a == amount for _, c, a in increments):
+        torch._foreach_add_(counters, first, alpha=amount)
+    else:
+        torch._foreach_add_(counters, [c if a == 1 else c * a for _, c, a in increments])

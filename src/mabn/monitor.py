@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _sliding_mean
+from .functional import window_means
 from .modules import StreamNorm
 
 __all__ = ["BatchStatsMonitor", "STATISTICS", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
@@ -98,7 +98,7 @@ def _window_sma(
     if before is not None and pushed == groups and groups <= m:
         # The engine's own sliding mean, replayed on the entries this call pushed.
         steps = torch.tensor(steps_before, device=before.device)
-        return _sliding_mean(before, steps, after[m - groups :])[0]
+        return window_means(before, steps, after[m - groups :])[0]
     valid = min(steps_after, m)
     if valid <= 0:
         return None
