@@ -1,17 +1,18 @@
 """Normalization layers: :class:`StreamNorm` holds the state, :func:`mabn.functional.stream_norm` does the math.
 
-Every class here is :class:`StreamNorm` with a :class:`mabn.NormConfig` taken from :data:`mabn.PRESETS`
-(``MABN*d``: ``"mabn"``, ``GhostBatchNorm*d``: ``"bn"``, ``BatchRenorm*d``: ``"brn"``) or given in full
-(``GeneralBatchNorm*d``), and a check of the input's dimensionality.
+Laid out as torch's ``batchnorm.py``: a base holding the state (:class:`StreamNorm`), one private
+base per family that turns its constructor's hyper-parameters into the :class:`mabn.NormConfig` of
+its preset in :data:`mabn.PRESETS` (``MABN*d``: ``"mabn"``, ``GhostBatchNorm*d``: ``"bn"``,
+``BatchRenorm*d``: ``"brn"``; ``GeneralBatchNorm*d`` takes the whole configuration), and thin public
+1-D/2-D/3-D classes that fix the input's dimensionality and spell their constructors out.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from ._checks import check_num_features
 from ._kernels import HALF, stat_dtype
 from .config import PRESETS, NormConfig
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .functional import NormState, stream_norm
+from .functional import ACCUMULATION_FIELDS, STATISTICS_FIELDS, STREAM_FIELDS, NormState, stream_norm
 
 __all__ = [
     "StreamNorm",
@@ -39,21 +40,13 @@ __all__ = [
     "FAMILIES",
 ]
 
-#: Buffers that hold statistics (kept in float32 at least, whatever the parameters' dtype).
-_STAT_BUFFERS = ("running_mean", "running_var", "forward_window", "backward_window", "accum_sum")
-_COUNTERS = ("num_batches_tracked", "forward_steps", "backward_steps", "backward_calls", "accum_calls")
-
 
 def _config_property(name: str, doc: str) -> property:
     def fget(self: StreamNorm) -> Any:
         return getattr(self.config, name)
 
     def fset(self: StreamNorm, value: Any) -> None:
-        if name == "window" and value != self.config.window:
-            raise AttributeError("window fixes the shape of the window buffers; build a new layer to change it")
-        self.config = dataclasses.replace(self.config, **{name: value})
-        if name == "accumulate":
-            self._register_accumulation()
+        self._change_config(**{name: value})
 
     return property(fget, fset, doc=doc)
 
@@ -102,21 +95,9 @@ class StreamNorm(nn.Module):
     track_running_stats: ClassVar[bool] = True
     config: NormConfig
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__init__
-        if not cls.__name__.startswith("_") and "__init__" not in cls.__dict__ and init is not StreamNorm.__init__:
-            # A copy of the inherited constructor named after this class, so that an unknown
-            # keyword is reported as "MABN2d.__init__() got an unexpected keyword argument".
-            qualname = f"{cls.__qualname__}.__init__"
-            code = init.__code__
-            if hasattr(code, "co_qualname"):
-                code = code.replace(co_qualname=qualname)
-            named = types.FunctionType(code, init.__globals__, "__init__", init.__defaults__, init.__closure__)
-            named.__kwdefaults__ = init.__kwdefaults__
-            named.__qualname__, named.__doc__, named.__module__ = qualname, init.__doc__, cls.__module__
-            named.__annotations__ = init.__annotations__
-            cls.__init__ = named
+    #: The input dimensionalities a subclass takes (empty: any (N, C, *)) and how its messages say so.
+    _input_dims: ClassVar[tuple[int, ...]] = ()
+    _input_shape: ClassVar[str] = "(N, C, *)"
 
     def __init__(
         self,
@@ -148,7 +129,9 @@ class StreamNorm(nn.Module):
         state = NormState.zeros(num_features, config, device=device, dtype=dtype)
         if config.centered:
             self._buffers["running_mean"] = state.running_mean  # see the running_mean property
-        for name in NormState._fields[1:8]:  # accum_* are registered with the accumulation
+        self.register_buffer("running_var", state.running_var)
+        self.register_buffer("num_batches_tracked", state.num_batches_tracked)
+        for name in STREAM_FIELDS:
             value = getattr(state, name)
             if value is not None:
                 self.register_buffer(name, value)
@@ -178,8 +161,31 @@ class StreamNorm(nn.Module):
     renorm_warmup_iters = _config_property("renorm_warmup_iters", "Training steps with r = 1 and d = 0.")
     accumulate = _config_property("accumulate", "Training calls per optimizer step (gradient accumulation).")
 
+    def _change_config(self, **changes: Any) -> None:
+        """Set hyper-parameters (validated by :class:`mabn.NormConfig`); the window's size is fixed,
+        and ``accumulate`` changes only between optimizer steps."""
+        config = dataclasses.replace(self.config, **changes)
+        if config.window != self.config.window:
+            raise AttributeError("window fixes the shape of the window buffers; build a new layer to change it")
+        before = self.config.accumulate
+        if config.accumulate != before:
+            pending = int(self.accum_calls) if before > 1 else 0
+            if pending:
+                raise ValueError(
+                    f"{type(self).__name__}: cannot change accumulate from {before} to {config.accumulate} in the "
+                    f"middle of an optimizer step ({pending} of its {before} calls made); change it between steps"
+                )
+        self.config = config
+        if config.accumulate != before:
+            self._register_accumulation()
+
     def _register_accumulation(self) -> None:
-        """(Un)register the step's pending sums: buffers of the current step only, not saved."""
+        """(Un)register the step's pending sums: buffers of the current step only, not saved.
+
+        The one place that starts a step's accumulation state afresh: at construction, when
+        ``accumulate`` changes (between steps) and after a state dict is loaded, so pending sums
+        never outlive a load or a setting change.
+        """
         if self.config.accumulate > 1:
             k = self.config.num_forward_stats + 1
             ref = self.running_var
@@ -194,7 +200,8 @@ class StreamNorm(nn.Module):
         with torch.no_grad():
             self.running_mean.zero_()  # a fresh tensor in the uncentered form: no effect
             self.running_var.fill_(1.0)
-            for name in (*_COUNTERS, *_STAT_BUFFERS[2:]):
+            self.num_batches_tracked.zero_()
+            for name in (*STREAM_FIELDS, *ACCUMULATION_FIELDS):
                 buffer = getattr(self, name, None)
                 if buffer is not None:
                     buffer.zero_()
@@ -209,14 +216,16 @@ class StreamNorm(nn.Module):
     def state(self) -> NormState:
         """The buffers as the engine takes them (live references, updated in place)."""
         return NormState(
-            self.running_mean if self.config.centered else None,
-            self.running_var,
-            self.num_batches_tracked,
-            *(getattr(self, name, None) for name in NormState._fields[3:]),
+            running_mean=self.running_mean if self.config.centered else None,
+            running_var=self.running_var,
+            num_batches_tracked=self.num_batches_tracked,
+            **{name: getattr(self, name, None) for name in (*STREAM_FIELDS, *ACCUMULATION_FIELDS)},
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
-        """Subclasses check the dimensionality of their input; this class takes any (N, C, *)."""
+        if self._input_dims and input.dim() not in self._input_dims:
+            dims = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(f"expected {dims} input {self._input_shape}, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -239,7 +248,7 @@ class StreamNorm(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> StreamNorm:
         # model.half() and .to(torch.bfloat16) cast the parameters; the statistics stay in float32.
-        before = {n: b for n, b in self._buffers.items() if n in _STAT_BUFFERS and b is not None}
+        before = {n: b for n, b in self._buffers.items() if n in STATISTICS_FIELDS and b is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -290,9 +299,12 @@ class StreamNorm(nn.Module):
         # copies nothing, so the layer stays as it was.
         if not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
             return
+        errors = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if len(error_msgs) == errors:
+            self._register_accumulation()  # a loaded layer continues as a fresh one loaded with it
 
 
 def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
@@ -360,54 +372,841 @@ def _check_keys(
     return False
 
 
-class _Dims1d:
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (N, C) or (N, C, L), got {input.dim()}D input")
+# --------------------------------------------------------------------------------------------------
+# The families. Each base turns its constructor's hyper-parameters into the NormConfig of its preset;
+# the public 1-D/2-D/3-D classes below it only fix the input's dimensionality and spell the
+# constructor out (so that signatures, type checkers and error messages name the public class).
 
 
-class _Dims2d:
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input")
-
-
-class _Dims3d:
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (N, C, D, H, W), got {input.dim()}D input")
-
-
-_DIMS = {
-    1: (_Dims1d, "a 2D or 3D input", "(N, C) or (N, C, L)", "4, 8, 5"),
-    2: (_Dims2d, "a 4D input", "(N, C, H, W)", "4, 8, 5, 5"),
-    3: (_Dims3d, "a 5D input", "(N, C, D, H, W)", "4, 8, 3, 5, 5"),
-}
-
-_G = NormConfig()  # the defaults of every field
-
-
-class _GeneralBatchNorm(StreamNorm):
-    preset: ClassVar[str | None] = None
+class _MABNBase(StreamNorm):
+    preset: ClassVar[str] = "mabn"
 
     def __init__(
         self,
         num_features: int,
-        eps: float = _G.eps,
-        momentum: float | None = _G.momentum,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        norm_batch_size: int | None,
+        window: int,
+        r_max: float,
+        warmup_iters: int,
+        renorm_warmup_iters: int,
+        accumulate: int,
+        process_group: Any,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        config = dataclasses.replace(
+            PRESETS[self.preset],
+            eps=eps,
+            momentum=momentum,
+            norm_batch_size=norm_batch_size,
+            window=window,
+            r_max=r_max,
+            warmup_iters=warmup_iters,
+            renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
+        )
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
+
+
+class MABN1d(_MABNBase):
+    r"""Moving Average Batch Normalization over a 2D or 3D input (N, C) or (N, C, L).
+
+    The layer of :class:`MABN2d` for sequences and feature vectors: for each normalization group
+    t (B consecutive samples, all positions),
+
+    .. math::
+        y = \gamma\, r_t \frac{x}{\sqrt{S_t + \epsilon}} + \beta, \qquad
+        S_t = \mathrm{SMA}_m(E[x^2])_t, \qquad
+        r_t = \mathrm{clip}_{[1/\lambda, \lambda]}\sqrt{(S_t + \epsilon) / (R + \epsilon)}
+
+    and the backward pass uses the moving average of :math:`\Psi = E[h z]` over the same window.
+    :class:`MABN2d` explains every term, the warm-ups and what the layer guarantees.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the second moment. Default: ``1e-5``.
+        momentum: weight of the new value in the running second moment ``running_var``; ``None`` for
+            the cumulative average. Default: ``0.02``.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
+        norm_batch_size: samples per normalization group B; ``None`` is the whole batch. Default: ``None``.
+        window: number m of groups in the moving averages. Default: ``16``.
+        r_max: clipping bound lambda of r. Default: ``5.0``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: a ``torch.distributed`` process group to sync the statistics over, or ``None``.
+            Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.MABN1d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5)).shape
+        torch.Size([4, 8, 5])
+    """
+
+    _input_dims = (2, 3)
+    _input_shape = "(N, C) or (N, C, L)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
         affine: bool = True,
         *,
-        centered: bool = _G.centered,
-        forward_stats: str = _G.forward_stats,
-        renorm: bool = _G.renorm,
-        backward_stats: str = _G.backward_stats,
-        norm_batch_size: int | None = _G.norm_batch_size,
-        window: int = _G.window,
-        r_max: float = _G.r_max,
-        d_max: float = _G.d_max,
-        warmup_iters: int = _G.warmup_iters,
-        renorm_warmup_iters: int = _G.renorm_warmup_iters,
-        accumulate: int = _G.accumulate,
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            window,
+            r_max,
+            warmup_iters,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+class MABN2d(_MABNBase):
+    r"""Moving Average Batch Normalization over a 4D input (N, C, H, W) (Yan et al., ICLR 2020).
+
+    A drop-in replacement for :class:`torch.nn.BatchNorm2d` that keeps its accuracy at 1-2 samples
+    per normalization group and, like BatchNorm, is a per-channel affine map at inference (so it
+    folds into the preceding convolution). It normalizes by the second moment only (no centering),
+    replaces that statistic by its simple moving average (SMA) over the last ``window`` normalization
+    groups, renormalized towards the running (EMA) second moment, and replaces the backward
+    statistic :math:`\Psi` by its SMA as well. For group t (B consecutive samples) of a training call:
+
+    .. math::
+        \chi^2_t = E[x^2], \quad S_t = \mathrm{SMA}_m(\chi^2)_t, \quad
+        r_t = \mathrm{clip}_{[1/\lambda, \lambda]}\left(\sqrt{\frac{S_t + \epsilon}{R + \epsilon}}\right),
+        \quad y = \gamma\, r_t \frac{x}{\sqrt{S_t + \epsilon}} + \beta
+
+    and in the backward pass, with :math:`h = \gamma r_t \partial L / \partial y` and
+    :math:`z = x / \sqrt{S_t + \epsilon}`:
+
+    .. math::
+        \Psi_t = E[h z], \quad P_t = \mathrm{SMA}_m(\Psi)_t, \quad
+        \frac{\partial L}{\partial x} = \frac{h - z P_t}{\sqrt{S_t + \epsilon}}
+
+    The running second moment ``running_var`` is updated once per step,
+    :math:`R \leftarrow (1 - \text{momentum}) R + \text{momentum} \cdot \text{mean}_t S_t`, and in
+    evaluation mode the layer is :math:`y = \gamma x / \sqrt{R + \epsilon} + \beta`. While the
+    1-based count of training steps is below ``warmup_iters`` both passes use the group's own
+    statistics (still pushed into the windows); while it is at most ``renorm_warmup_iters``,
+    :math:`r = 1`. The backward window advances in the backward pass and counts backward passes
+    itself, so a training forward that is never backpropagated leaves it alone.
+
+    Guarantees (each a test; docs/design.md lists them): a training call whose statistics are not
+    finite (inf or NaN input, or E[x^2] beyond the float32 range) outputs NaN and leaves every
+    buffer untouched; the backward window skips non-finite gradients; statistics are kept in
+    float32 for float16/bfloat16 parameters (``model.half()`` included). A second backward pass
+    through the same graph (``retain_graph=True``) advances nothing and yields, summed with the
+    first, the gradients and window of one backward pass of the summed losses. Under
+    :func:`mabn.checkpoint` a recomputed forward reuses the original statistics. With
+    ``accumulate=K`` the K calls of an optimizer step are one stream, as one call on their
+    concatenated batch; ``accumulate`` changes only between steps, and a loaded state dict starts a
+    fresh step.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the second moment. Default: ``1e-5``.
+        momentum: weight of the new value in the running second moment ``running_var`` (the EMA
+            weight 0.98 is 0.02 here); ``None`` for the cumulative average. Default: ``0.02``.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
+        norm_batch_size: samples per normalization group B; ``None`` is the whole batch; 1 is legal.
+            Default: ``None``.
+        window: number m of groups in the moving averages. Default: ``16``.
+        r_max: clipping bound lambda of r. Default: ``5.0``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation): the calls of a step
+            are consecutive steps of the statistics stream. Default: ``1``.
+        process_group: a ``torch.distributed`` process group: each normalization group's statistics
+            are those of the union of the matching groups on every rank (forward and backward).
+            Default: ``None`` (this process's statistics).
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.MABN2d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    _input_dims = (4,)
+    _input_shape = "(N, C, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            window,
+            r_max,
+            warmup_iters,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+class MABN3d(_MABNBase):
+    r"""Moving Average Batch Normalization over a 5D input (N, C, D, H, W).
+
+    The layer of :class:`MABN2d` for volumes and video: for each normalization group t,
+
+    .. math::
+        y = \gamma\, r_t \frac{x}{\sqrt{S_t + \epsilon}} + \beta, \qquad
+        S_t = \mathrm{SMA}_m(E[x^2])_t, \qquad
+        r_t = \mathrm{clip}_{[1/\lambda, \lambda]}\sqrt{(S_t + \epsilon) / (R + \epsilon)}
+
+    and the backward pass uses the moving average of :math:`\Psi = E[h z]` over the same window.
+    :class:`MABN2d` explains every term, the warm-ups and what the layer guarantees.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the second moment. Default: ``1e-5``.
+        momentum: weight of the new value in the running second moment ``running_var``; ``None`` for
+            the cumulative average. Default: ``0.02``.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
+        norm_batch_size: samples per normalization group B; ``None`` is the whole batch. Default: ``None``.
+        window: number m of groups in the moving averages. Default: ``16``.
+        r_max: clipping bound lambda of r. Default: ``5.0``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: a ``torch.distributed`` process group to sync the statistics over, or ``None``.
+            Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.MABN3d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 3, 5, 5)).shape
+        torch.Size([4, 8, 3, 5, 5])
+    """
+
+    _input_dims = (5,)
+    _input_shape = "(N, C, D, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            window,
+            r_max,
+            warmup_iters,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+class _GhostBatchNormBase(StreamNorm):
+    preset: ClassVar[str] = "bn"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        norm_batch_size: int | None,
+        accumulate: int,
+        process_group: Any,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        config = dataclasses.replace(
+            PRESETS[self.preset], eps=eps, momentum=momentum, norm_batch_size=norm_batch_size, accumulate=accumulate
+        )
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
+
+
+class GhostBatchNorm1d(_GhostBatchNormBase):
+    r"""Ghost Batch Normalization over a 2D or 3D input (N, C) or (N, C, L).
+
+    BatchNorm with the statistics of B-sample groups: each group t of ``norm_batch_size``
+    consecutive samples is normalized with its own mean and variance,
+
+    .. math::
+        y = \gamma \frac{x - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta,
+
+    with BatchNorm's gradient inside each group. The running statistics move once per step towards
+    the mean over the groups (unbiased variance). With ``norm_batch_size=None`` this is exactly
+    :class:`torch.nn.BatchNorm1d`, state dict included; with a ``process_group`` it is
+    :class:`torch.nn.SyncBatchNorm` on every backend.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average, as in torch's BatchNorm. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.GhostBatchNorm1d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5)).shape
+        torch.Size([4, 8, 5])
+    """
+
+    _input_dims = (2, 3)
+    _input_shape = "(N, C) or (N, C, L)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
+
+
+class GhostBatchNorm2d(_GhostBatchNormBase):
+    r"""Ghost Batch Normalization over a 4D input (N, C, H, W): BatchNorm with statistics of B-sample groups.
+
+    Each group t of ``norm_batch_size`` consecutive samples is normalized with its own mean and
+    variance, as if each group were on a device of its own,
+
+    .. math::
+        y = \gamma \frac{x - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta,
+
+    with BatchNorm's gradient inside each group. The running statistics are updated once per step
+    with the mean over the groups (unbiased variance). With ``norm_batch_size=None`` (or B = N)
+    this is exactly :class:`torch.nn.BatchNorm2d`, state dict included; with a ``process_group`` it
+    is :class:`torch.nn.SyncBatchNorm`, on every backend (gloo on CPU as well as NCCL). It is the
+    baseline that shows what small normalization batches cost.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average, as in torch's BatchNorm. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.GhostBatchNorm2d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    _input_dims = (4,)
+    _input_shape = "(N, C, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
+
+
+class GhostBatchNorm3d(_GhostBatchNormBase):
+    r"""Ghost Batch Normalization over a 5D input (N, C, D, H, W).
+
+    Each group t of ``norm_batch_size`` consecutive samples is normalized with its own statistics,
+
+    .. math::
+        y = \gamma \frac{x - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta,
+
+    with BatchNorm's gradient inside each group; with ``norm_batch_size=None`` this is exactly
+    :class:`torch.nn.BatchNorm3d`. :class:`GhostBatchNorm2d` says more.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.GhostBatchNorm3d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 3, 5, 5)).shape
+        torch.Size([4, 8, 3, 5, 5])
+    """
+
+    _input_dims = (5,)
+    _input_shape = "(N, C, D, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
+
+
+class _BatchRenormBase(StreamNorm):
+    preset: ClassVar[str] = "brn"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        norm_batch_size: int | None,
+        r_max: float,
+        d_max: float,
+        renorm_warmup_iters: int,
+        accumulate: int,
+        process_group: Any,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        config = dataclasses.replace(
+            PRESETS[self.preset],
+            eps=eps,
+            momentum=momentum,
+            norm_batch_size=norm_batch_size,
+            r_max=r_max,
+            d_max=d_max,
+            renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
+        )
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
+
+
+class BatchRenorm1d(_BatchRenormBase):
+    r"""Batch Renormalization over a 2D or 3D input (N, C) or (N, C, L), with optional ghost groups.
+
+    .. math::
+        y = \gamma \left(r \frac{x - \mu_t}{\sigma_t} + d\right) + \beta, \quad
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}(\sigma_t / \sigma), \quad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}((\mu_t - \mu) / \sigma)
+
+    with the group's statistics :math:`\mu_t, \sigma_t` and the running ones :math:`\mu, \sigma`
+    (before this step's update); :class:`BatchRenorm2d` says more.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        r_max: clipping bound of r. Default: ``3.0``.
+        d_max: clipping bound of d. Default: ``5.0``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.BatchRenorm1d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5)).shape
+        torch.Size([4, 8, 5])
+    """
+
+    _input_dims = (2, 3)
+    _input_shape = "(N, C) or (N, C, L)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            r_max,
+            d_max,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+class BatchRenorm2d(_BatchRenormBase):
+    r"""Batch Renormalization over a 4D input (N, C, H, W) (Ioffe, 2017), with optional ghost groups.
+
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\left(\frac{\sigma_t}{\sigma}\right), \quad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\left(\frac{\mu_t - \mu}{\sigma}\right), \quad
+        y = \gamma \left(r \frac{x - \mu_t}{\sigma_t} + d\right) + \beta
+
+    where :math:`\mu_t, \sigma_t = \sqrt{\sigma_t^2 + \epsilon}` are the group's statistics and
+    :math:`\mu, \sigma` the running ones before this step's update; no gradient flows through r and
+    d. While the 1-based step count is at most ``renorm_warmup_iters``, r = 1 and d = 0 exactly
+    (BatchNorm). The small-batch baseline between BatchNorm and MABN.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        r_max: clipping bound of r. Default: ``3.0``.
+        d_max: clipping bound of d. Default: ``5.0``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.BatchRenorm2d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    _input_dims = (4,)
+    _input_shape = "(N, C, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            r_max,
+            d_max,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+class BatchRenorm3d(_BatchRenormBase):
+    r"""Batch Renormalization over a 5D input (N, C, D, H, W), with optional ghost groups.
+
+    .. math::
+        y = \gamma \left(r \frac{x - \mu_t}{\sigma_t} + d\right) + \beta, \quad
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}(\sigma_t / \sigma), \quad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}((\mu_t - \mu) / \sigma)
+
+    with the group's statistics :math:`\mu_t, \sigma_t` and the running ones :math:`\mu, \sigma`
+    (before this step's update); :class:`BatchRenorm2d` says more.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        norm_batch_size: samples per group B; ``None`` is the whole batch. Default: ``None``.
+        r_max: clipping bound of r. Default: ``3.0``.
+        d_max: clipping bound of d. Default: ``5.0``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.BatchRenorm3d(8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 3, 5, 5)).shape
+        torch.Size([4, 8, 3, 5, 5])
+    """
+
+    _input_dims = (5,)
+    _input_shape = "(N, C, D, H, W)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            norm_batch_size,
+            r_max,
+            d_max,
+            renorm_warmup_iters,
+            accumulate,
+            process_group,
+            device,
+            dtype,
+        )
+
+
+_General = TypeVar("_General", bound="_GeneralBatchNormBase")
+
+
+class _GeneralBatchNormBase(StreamNorm):
+    preset: ClassVar[str | None] = None
+
+    @classmethod
+    def from_preset(cls: type[_General], preset: str, num_features: int, **kwargs: Any) -> _General:
+        """Build the layer of a named preset (see ``mabn.PRESETS``); ``kwargs`` override its values.
+
+        Example::
+
+            >>> import mabn
+            >>> mabn.GeneralBatchNorm2d.from_preset("uncentered_ema", 8).config == mabn.PRESETS["uncentered_ema"]
+            True
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls(num_features, **{**dataclasses.asdict(PRESETS[preset]), **kwargs})
+
+
+class GeneralBatchNorm1d(_GeneralBatchNormBase):
+    r"""Any member of the family over a 2D or 3D input (N, C) or (N, C, L).
+
+    .. math::
+        \hat x = \frac{x - \mu_t}{\sqrt{S_t + \epsilon}}, \qquad y = \gamma (r_t \hat x + d_t) + \beta
+
+    with :math:`\mu_t = 0` and :math:`S_t = E[x^2]` in the uncentered form, batch or moving-average
+    statistics, and the clipped renormalization :math:`r_t, d_t` (1 and 0 when off);
+    :class:`GeneralBatchNorm2d` says more.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance (second moment). Default: ``1e-5``.
+        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
+            average. Default: ``0.02``.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        centered: subtract the mean (True) or not (False). Default: ``False``.
+        forward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
+        renorm: renormalize towards the running statistics. Default: ``True``.
+        backward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
+        norm_batch_size: samples per normalization group; ``None`` is the whole batch. Default: ``None``.
+        window: groups in the moving averages. Default: ``16``.
+        r_max: clipping bound of r. Default: ``5.0``.
+        d_max: clipping bound of d (centered form). Default: ``5.0``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
+        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
+        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`; N divisible by ``norm_batch_size`` in training mode.
+        - Output: same shape as input.
+
+    Example::
+
+        >>> import mabn, torch
+        >>> m = mabn.GeneralBatchNorm1d(8, centered=True, forward_stats="batch", norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5)).shape
+        torch.Size([4, 8, 5])
+    """
+
+    _input_dims = (2, 3)
+    _input_shape = "(N, C) or (N, C, L)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
+        affine: bool = True,
+        *,
+        centered: bool = False,
+        forward_stats: str = "sma",
+        renorm: bool = True,
+        backward_stats: str = "sma",
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        d_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -429,30 +1228,24 @@ class _GeneralBatchNorm(StreamNorm):
         )
         super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
-    @classmethod
-    def from_preset(cls, preset: str, num_features: int, **kwargs: Any) -> _GeneralBatchNorm:
-        """Build the layer of a named preset (see ``mabn.PRESETS``); ``kwargs`` override its values."""
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return cls(num_features, **{**dataclasses.asdict(PRESETS[preset]), **kwargs})
 
+class GeneralBatchNorm2d(_GeneralBatchNormBase):
+    r"""Any member of the family over a 4D input (N, C, H, W): every method of the paper and every ablation row.
 
-_GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
-
-    One class for every method of the paper and every row of its ablation: choose the form
-    (``centered``), the forward statistics (``forward_stats``, with ``renorm``) and the backward
-    statistics (``backward_stats``). ``from_preset(name, num_features)`` builds a named row of
-    ``mabn.PRESETS``. For group t (B consecutive samples) of a training call:
+    Choose the form (``centered``), the forward statistics (``forward_stats``, with ``renorm``) and
+    the backward statistics (``backward_stats``); ``from_preset(name, num_features)`` builds a named
+    row of ``mabn.PRESETS``. For group t (B consecutive samples) of a training call:
 
     .. math::
-        \hat x = \frac{{x - \mu_t}}{{\sqrt{{S_t + \epsilon}}}}, \qquad
+        \hat x = \frac{x - \mu_t}{\sqrt{S_t + \epsilon}}, \qquad
         y = \gamma (r_t \hat x + d_t) + \beta
 
     with :math:`\mu_t = 0`, :math:`S_t = \chi^2_t = E[x^2]` in the uncentered form, the batch or
     windowed (SMA) statistics, and :math:`r_t, d_t` the clipped renormalization towards the running
     statistics (1 and 0 when off or warming up). The backward uses :math:`g = E[h]` and
     :math:`\Psi = E[h \hat x]` (:math:`h = \gamma r\, \partial L / \partial y`) of the group or their
-    SMA: :math:`\partial L/\partial x = (h - g - \hat x \Psi) / \sqrt{{S_t + \epsilon}}`.
+    SMA: :math:`\partial L/\partial x = (h - g - \hat x \Psi) / \sqrt{S_t + \epsilon}` (no g in the
+    uncentered form).
 
     Args:
         num_features: number of channels C.
@@ -464,59 +1257,65 @@ _GENERAL_DOC = r"""Batch normalization of any member of the family: {dims}.
         forward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
         renorm: renormalize towards the running statistics. Default: ``True``.
         backward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
-        norm_batch_size: samples per normalization group; ``None`` is the whole batch.
+        norm_batch_size: samples per normalization group; ``None`` is the whole batch. Default: ``None``.
         window: groups in the moving averages. Default: ``16``.
         r_max: clipping bound of r. Default: ``5.0``.
         d_max: clipping bound of d (centered form). Default: ``5.0``.
-        warmup_iters: training steps on batch statistics before the SMAs. Default: ``100``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
         renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
         accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
         process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
-        device: device of the parameters and buffers.
-        dtype: dtype of the parameters (statistics: float32 at least).
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
 
     Shape:
-        - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
+        - Input: :math:`(N, C, H, W)`; N divisible by ``norm_batch_size`` in training mode.
         - Output: same shape as input.
 
-    Examples::
+    Example::
 
         >>> import mabn, torch
-        >>> m = mabn.{name}.from_preset("uncentered_ema", 8, norm_batch_size=2)
-        >>> m(torch.randn({example})).shape
-        torch.Size([{example}])
-"""
+        >>> m = mabn.GeneralBatchNorm2d.from_preset("uncentered_ema", 8, norm_batch_size=2)
+        >>> m(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
 
-_P = PRESETS["mabn"]
-
-
-class _MABN(StreamNorm):
-    preset: ClassVar[str] = "mabn"
+    _input_dims = (4,)
+    _input_shape = "(N, C, H, W)"
 
     def __init__(
         self,
         num_features: int,
-        eps: float = _P.eps,
-        momentum: float | None = _P.momentum,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
         affine: bool = True,
         *,
-        norm_batch_size: int | None = _P.norm_batch_size,
-        window: int = _P.window,
-        r_max: float = _P.r_max,
-        warmup_iters: int = _P.warmup_iters,
-        renorm_warmup_iters: int = _P.renorm_warmup_iters,
-        accumulate: int = _P.accumulate,
+        centered: bool = False,
+        forward_stats: str = "sma",
+        renorm: bool = True,
+        backward_stats: str = "sma",
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        d_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset],
+        config = NormConfig(
+            centered=centered,
+            forward_stats=forward_stats,
+            renorm=renorm,
+            backward_stats=backward_stats,
             eps=eps,
             momentum=momentum,
             norm_batch_size=norm_batch_size,
             window=window,
             r_max=r_max,
+            d_max=d_max,
             warmup_iters=warmup_iters,
             renorm_warmup_iters=renorm_warmup_iters,
             accumulate=accumulate,
@@ -524,227 +1323,91 @@ class _MABN(StreamNorm):
         super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
 
-_MABN_DOC = r"""Moving Average Batch Normalization over {dims} (Yan et al., ICLR 2020).
-
-    Uncentered normalization by the second moment, with the forward statistic replaced by its
-    simple moving average (SMA) over the last ``window`` normalization groups, renormalized towards
-    the running (EMA) second moment, and the backward statistic :math:`\Psi` replaced by its SMA.
-    For group t (B consecutive samples) of a training call:
+class GeneralBatchNorm3d(_GeneralBatchNormBase):
+    r"""Any member of the family over a 5D input (N, C, D, H, W).
 
     .. math::
-        \chi^2_t = E[x^2], \quad S_t = \mathrm{{SMA}}_m(\chi^2)_t, \quad
-        r_t = \mathrm{{clip}}_{{[1/\lambda, \lambda]}}\left(\sqrt{{\frac{{S_t + \epsilon}}{{R + \epsilon}}}}\right),
-        \quad y = \gamma\, r_t \frac{{x}}{{\sqrt{{S_t + \epsilon}}}} + \beta
+        \hat x = \frac{x - \mu_t}{\sqrt{S_t + \epsilon}}, \qquad y = \gamma (r_t \hat x + d_t) + \beta
 
-    and in the backward pass, with :math:`h = \gamma r_t \partial L / \partial y` and
-    :math:`z = x / \sqrt{{S_t + \epsilon}}`:
-
-    .. math::
-        \Psi_t = E[h z], \quad P_t = \mathrm{{SMA}}_m(\Psi)_t, \quad
-        \frac{{\partial L}}{{\partial x}} = \frac{{h - z P_t}}{{\sqrt{{S_t + \epsilon}}}}
-
-    The running second moment is updated once per step,
-    :math:`R \leftarrow (1 - \text{{momentum}}) R + \text{{momentum}} \cdot \text{{mean}}_t S_t`, and in
-    evaluation mode the layer is the per-channel affine :math:`y = \gamma x / \sqrt{{R + \epsilon}} + \beta`,
-    which folds into the preceding convolution. While the 1-based count of training steps is below
-    ``warmup_iters`` both passes use the group's own statistics (still pushed into the windows);
-    while it is at most ``renorm_warmup_iters``, :math:`r = 1`. The backward window advances in the
-    backward pass and counts backward passes itself, so a training forward that is never
-    backpropagated (for example under ``torch.no_grad()``) leaves it alone.
-
-    Robustness (each statement is a test): a training call whose statistics are not finite (inf or
-    NaN input, or E[x^2] beyond the float32 range) outputs NaN and leaves every buffer untouched;
-    the backward window skips non-finite gradients; statistics are kept in float32 for
-    float16/bfloat16 parameters (``model.half()`` included), and training and evaluation take
-    float16, bfloat16, float32 and float64 input alike. A second backward pass through the same
-    graph (``retain_graph=True``) advances nothing and yields, summed with the first, the gradients
-    and window of one backward pass of the summed losses. Under :func:`mabn.checkpoint` a recomputed
-    forward reuses the original statistics; without it the stream advances twice. With a loss
-    scaler whose scale changes, the backward window mixes scales until it has refilled.
+    with :math:`\mu_t = 0` and :math:`S_t = E[x^2]` in the uncentered form, batch or moving-average
+    statistics, and the clipped renormalization :math:`r_t, d_t` (1 and 0 when off);
+    :class:`GeneralBatchNorm2d` says more.
 
     Args:
         num_features: number of channels C.
-        eps: added to the second moment. Default: ``1e-5``.
-        momentum: weight of the new value in the running second moment ``running_var`` (the paper's
-            EMA weight 0.98 is 0.02 here); ``None`` for the cumulative average. Default: ``0.02``.
-        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: ``True``.
-        norm_batch_size: samples per normalization group B; ``None`` is the whole batch. 1 is legal.
-        window: number m of groups in the moving averages. Default: ``16``.
-        r_max: clipping bound lambda of r. Default: ``5.0``.
-        warmup_iters: training steps on batch statistics before the SMAs. Default: ``100``.
-        renorm_warmup_iters: training steps with r = 1. Default: ``1000``.
-        accumulate: training calls per optimizer step (gradient accumulation): the calls of a step
-            are consecutive steps of the statistics stream, as one call on their concatenated batch
-            would be. Default: ``1``.
-        process_group: a ``torch.distributed`` process group: each normalization group's statistics
-            are those of the union of the matching groups on every rank (forward and backward).
-            Default: ``None`` (this process's statistics).
-        device: device of the parameters and buffers.
-        dtype: dtype of the parameters (statistics: float32 at least).
-
-    Shape:
-        - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
-        - Output: same shape as input.
-
-    Examples::
-
-        >>> import mabn, torch
-        >>> m = mabn.{name}(8, norm_batch_size=2)
-        >>> m(torch.randn({example})).shape
-        torch.Size([{example}])
-"""
-
-_B = PRESETS["bn"]
-
-
-class _GhostBatchNorm(StreamNorm):
-    preset: ClassVar[str] = "bn"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = _B.eps,
-        momentum: float | None = _B.momentum,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = _B.norm_batch_size,
-        accumulate: int = _B.accumulate,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset], eps=eps, momentum=momentum, norm_batch_size=norm_batch_size, accumulate=accumulate
-        )
-        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
-
-
-_GHOST_DOC = r"""Ghost Batch Normalization over {dims}: BatchNorm with statistics of B-sample groups.
-
-    Each group of ``norm_batch_size`` consecutive samples is normalized with its own mean and
-    variance, :math:`y = \gamma (x - \mu_t) / \sqrt{{\sigma^2_t + \epsilon}} + \beta`, with BatchNorm's
-    gradient inside each group. The running statistics are updated once per step with the mean over
-    the groups (unbiased variance). With ``norm_batch_size=None`` (or B = N) this is exactly
-    :class:`torch.nn.{torch_name}`, state dict included; with a ``process_group`` it is
-    :class:`torch.nn.SyncBatchNorm`, on every backend (gloo on CPU as well as NCCL).
-
-    Args:
-        num_features: number of channels C.
-        eps: added to the variance. Default: ``1e-5``.
+        eps: added to the variance (second moment). Default: ``1e-5``.
         momentum: weight of the new value in the running statistics; ``None`` for the cumulative
-            average, as in torch's BatchNorm. Default: ``0.1``.
+            average. Default: ``0.02``.
         affine: learnable ``weight`` and ``bias``. Default: ``True``.
-        norm_batch_size: samples per group B; ``None`` is the whole batch.
+        centered: subtract the mean (True) or not (False). Default: ``False``.
+        forward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
+        renorm: renormalize towards the running statistics. Default: ``True``.
+        backward_stats: ``"batch"`` or ``"sma"``. Default: ``"sma"``.
+        norm_batch_size: samples per normalization group; ``None`` is the whole batch. Default: ``None``.
+        window: groups in the moving averages. Default: ``16``.
+        r_max: clipping bound of r. Default: ``5.0``.
+        d_max: clipping bound of d (centered form). Default: ``5.0``.
+        warmup_iters: training steps on the groups' own statistics before the moving averages. Default: ``100``.
+        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
         accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
         process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
-        device: device of the parameters and buffers.
-        dtype: dtype of the parameters (statistics: float32 at least).
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters (statistics: float32 at least). Default: ``None``.
 
     Shape:
-        - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
+        - Input: :math:`(N, C, D, H, W)`; N divisible by ``norm_batch_size`` in training mode.
         - Output: same shape as input.
 
-    Examples::
+    Example::
 
         >>> import mabn, torch
-        >>> m = mabn.{name}(8, norm_batch_size=2)
-        >>> m(torch.randn({example})).shape
-        torch.Size([{example}])
-"""
+        >>> m = mabn.GeneralBatchNorm3d(8, norm_batch_size=2, window=4)
+        >>> m(torch.randn(4, 8, 3, 5, 5)).shape
+        torch.Size([4, 8, 3, 5, 5])
+    """
 
-_R = PRESETS["brn"]
-
-
-class _BatchRenorm(StreamNorm):
-    preset: ClassVar[str] = "brn"
+    _input_dims = (5,)
+    _input_shape = "(N, C, D, H, W)"
 
     def __init__(
         self,
         num_features: int,
-        eps: float = _R.eps,
-        momentum: float | None = _R.momentum,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
         affine: bool = True,
         *,
-        norm_batch_size: int | None = _R.norm_batch_size,
-        r_max: float = _R.r_max,
-        d_max: float = _R.d_max,
-        renorm_warmup_iters: int = _R.renorm_warmup_iters,
-        accumulate: int = _R.accumulate,
+        centered: bool = False,
+        forward_stats: str = "sma",
+        renorm: bool = True,
+        backward_stats: str = "sma",
+        norm_batch_size: int | None = None,
+        window: int = 16,
+        r_max: float = 5.0,
+        d_max: float = 5.0,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        accumulate: int = 1,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset],
+        config = NormConfig(
+            centered=centered,
+            forward_stats=forward_stats,
+            renorm=renorm,
+            backward_stats=backward_stats,
             eps=eps,
             momentum=momentum,
             norm_batch_size=norm_batch_size,
+            window=window,
             r_max=r_max,
             d_max=d_max,
+            warmup_iters=warmup_iters,
             renorm_warmup_iters=renorm_warmup_iters,
             accumulate=accumulate,
         )
         super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
-
-_BRN_DOC = r"""Batch Renormalization over {dims} (Ioffe, 2017), with optional ghost groups.
-
-    .. math::
-        r = \mathrm{{clip}}_{{[1/r_{{max}}, r_{{max}}]}}\left(\frac{{\sigma_t}}{{\sigma}}\right), \quad
-        d = \mathrm{{clip}}_{{[-d_{{max}}, d_{{max}}]}}\left(\frac{{\mu_t - \mu}}{{\sigma}}\right), \quad
-        y = \gamma \left(r \frac{{x - \mu_t}}{{\sigma_t}} + d\right) + \beta
-
-    where :math:`\mu_t, \sigma_t = \sqrt{{\sigma_t^2 + \epsilon}}` are the group's statistics and
-    :math:`\mu, \sigma` the running ones before this step's update; no gradient flows through r and
-    d. While the 1-based step count is at most ``renorm_warmup_iters``, r = 1 and d = 0 (BatchNorm).
-
-    Args:
-        num_features: number of channels C.
-        eps: added to the variance. Default: ``1e-5``.
-        momentum: weight of the new value in the running statistics; ``None`` for the cumulative
-            average. Default: ``0.1``.
-        affine: learnable ``weight`` and ``bias``. Default: ``True``.
-        norm_batch_size: samples per group B; ``None`` is the whole batch.
-        r_max: clipping bound of r. Default: ``3.0``.
-        d_max: clipping bound of d. Default: ``5.0``.
-        renorm_warmup_iters: training steps with r = 1 and d = 0. Default: ``1000``.
-        accumulate: training calls per optimizer step (gradient accumulation). Default: ``1``.
-        process_group: process group to sync the statistics over, or ``None``. Default: ``None``.
-        device: device of the parameters and buffers.
-        dtype: dtype of the parameters (statistics: float32 at least).
-
-    Shape:
-        - Input: {shape}; N divisible by ``norm_batch_size`` in training mode.
-        - Output: same shape as input.
-
-    Examples::
-
-        >>> import mabn, torch
-        >>> m = mabn.{name}(8, norm_batch_size=2)
-        >>> m(torch.randn({example})).shape
-        torch.Size([{example}])
-"""
-
-
-def _family(base: type[StreamNorm], name: str, doc: str, **fmt: str) -> tuple[type[StreamNorm], ...]:
-    """The 1-D, 2-D and 3-D public classes of ``base``, each documented from ``doc``."""
-    classes = []
-    for d, (dims_mixin, dims, shape, example) in _DIMS.items():
-        torch_name = f"BatchNorm{d}d"
-        cls = type(f"{name}{d}d", (dims_mixin, base), {"__module__": __name__, "__qualname__": f"{name}{d}d"})
-        cls.__doc__ = doc.format(
-            dims=dims, shape=shape, name=cls.__name__, example=example, torch_name=torch_name, **fmt
-        )
-        classes.append(cls)
-    return tuple(classes)
-
-
-MABN1d, MABN2d, MABN3d = _family(_MABN, "MABN", _MABN_DOC)
-GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d = _family(_GhostBatchNorm, "GhostBatchNorm", _GHOST_DOC)
-BatchRenorm1d, BatchRenorm2d, BatchRenorm3d = _family(_BatchRenorm, "BatchRenorm", _BRN_DOC)
-GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d = _family(
-    _GeneralBatchNorm, "GeneralBatchNorm", _GENERAL_DOC
-)
 
 #: Families of 1-D/2-D/3-D layer classes by name: this package's and torch's (for the factory,
 #: the converter and :func:`mabn.factory.same_family`).
