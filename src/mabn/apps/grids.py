@@ -15,7 +15,7 @@ from ..config import PRESET_DESCRIPTIONS
 
 __all__ = ["GRIDS", "GRID_SPECS", "PROTOCOL", "SEGMENTATION_PROTOCOL", "GridRun", "GridSpec", "grid_runs"]
 
-#: The classification protocol (DESIGN.md section 3): Table 1, the ablation, the batch sweep.
+#: The classification protocol (docs/design.md, section 12): Table 1, the ablation, the batch sweep.
 PROTOCOL: dict[str, Any] = {
     "data": "fashion-mnist",
     "arch": "resnet_small",
