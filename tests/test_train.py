@@ -328,7 +328,7 @@ def pretrained(tmp_path_factory):
     ],
 )
 def test_init_from_a_pretrained_classifier(tmp_path, pretrained, opts):
-    from mabn.checkpoint_io import load_checkpoint, model_from_checkpoint
+    from mabn.serialization import load_checkpoint, model_from_checkpoint
 
     config = _config(tmp_path / "ft", epochs=1, width=8, max_steps=1, lr=0.0, weight_decay=0.0, init=str(pretrained))
     config.update(opts)

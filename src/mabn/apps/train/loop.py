@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from ...factory import canonical_name, is_batch_norm
 from ...models import build_model
+from ...serialization import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from ..data import make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
 from .config import (
