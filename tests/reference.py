@@ -1,4 +1,4 @@
-"""A naive float64 model of the family, written line by line from DESIGN.md section 2.
+"""A naive float64 model of the family, written line by line from docs/design.md, sections 2-6.
 
 Plain Python loops over groups and lists for the windows: slow and obviously right, the yardstick
 for the engine.

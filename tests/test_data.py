@@ -135,8 +135,7 @@ def test_random_resized_crop_box_inside_image(size):
         assert top + ch <= h and left + cw <= w
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_fashion_mnist_source():
+def test_fashion_mnist_source(fashion_mnist_dir):
     source = data.fashion_mnist_source(limit_train=256, limit_test=100)
     assert (source.num_train, source.num_test, source.in_channels, source.num_classes) == (256, 100, 1, 10)
     x, y = next(source.test_batches(100))

@@ -3,11 +3,10 @@
 import pytest
 
 from mabn.apps.cli import main
-from mabn.apps.data import FASHION_MNIST_DIR
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh)")
-def test_demo_trains_and_reports_test_error(capsys):
+@pytest.mark.slow
+def test_demo_trains_and_reports_test_error(capsys, fashion_mnist_dir):
     assert main(["demo", "--steps", "150"]) == 0
     out = capsys.readouterr().out
     losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if line.startswith("step")]

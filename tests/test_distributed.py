@@ -11,6 +11,8 @@ import torch.distributed as dist
 from mabn.apps.train import STATS_LOG
 from mabn.monitor import read_stats_log
 
+pytestmark = pytest.mark.slow  # torchrun: two processes, each importing torch and training
+
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):

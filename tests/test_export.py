@@ -5,17 +5,15 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from test_fold import calibrate
+from conftest import assert_unchanged, calibrate, run_onnx, snapshot
 from torch.testing import assert_close
 
 import mabn
 from mabn import models
 from mabn.apps import cli
-
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -37,39 +35,23 @@ def trained():
     return calibrate(model, torch.randn(4, 1, 28, 28))
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [(type(m), m.training) for m in model.modules()]
-
-
-def _assert_unchanged(model, snapshot):
-    state, types = snapshot
-    now = model.state_dict()
-    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-    assert [(type(m), m.training) for m in model.modules()] == types
-
-
-def _run_onnx(path, x):
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-
-
 def test_onnx_runs_in_onnxruntime_and_matches(trained, tmp_path):
-    snapshot = _snapshot(trained)
+    snap = snapshot(trained)
     path = mabn.export_model(trained, tmp_path / "model.onnx", "onnx", torch.randn(1, 1, 28, 28))
-    _assert_unchanged(trained, snapshot)
+    assert_unchanged(trained, snap)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "Conv" in ops and "BatchNormalization" not in ops  # folded: no normalization left
     for batch in (1, 3):  # the batch dimension is symbolic
         x = torch.randn(batch, 1, 28, 28)
         with torch.no_grad():
             expected = trained(x)
-        assert_close(_run_onnx(path, x), expected, rtol=1e-4, atol=1e-4)
+        assert_close(run_onnx(path, x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_torchscript_matches(trained, tmp_path):
-    snapshot = _snapshot(trained)
+    snap = snapshot(trained)
     path = mabn.export_model(trained, tmp_path / "model.pt", "torchscript", input_shape=(2, 1, 28, 28))
-    _assert_unchanged(trained, snapshot)
+    assert_unchanged(trained, snap)
     loaded = torch.jit.load(str(path))
     names = {m.original_name for m in loaded.modules()}
     assert "Conv2d" in names and not names & {"MABN2d", "CenConv2d", "CenLinear", "BatchNorm2d"}
@@ -80,11 +62,11 @@ def test_torchscript_matches(trained, tmp_path):
 
 def test_export_refuses_a_training_model(tmp_path):
     model = models.build_model(CONFIG)
-    snapshot = _snapshot(model)
+    snap = snapshot(model)
     for fmt in ("onnx", "torchscript"):
         with pytest.raises(ValueError, match="export needs a model in evaluation mode"):
             mabn.export_model(model, tmp_path / "m", fmt, input_shape=(1, 1, 28, 28))
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snap)
     assert not (tmp_path / "m").exists()
 
 
@@ -115,7 +97,7 @@ def test_cli_exports_a_checkpoint(trained, tmp_path, capsys, fmt):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         expected = trained.eval()(x)
-        got = _run_onnx(out, x) if fmt == "onnx" else torch.jit.load(str(out))(x)
+        got = run_onnx(out, x) if fmt == "onnx" else torch.jit.load(str(out))(x)
     assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -183,8 +165,8 @@ def test_cli_entry_point_exit_code(tmp_path):
     assert result.stderr.strip() == f"mabn export: error: checkpoint not found: {tmp_path / 'missing.pt'}"
 
 
-def test_cli_exports_a_segmentation_checkpoint_with_dynamic_sizes(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
+@pytest.mark.slow
+def test_cli_exports_a_segmentation_checkpoint_with_dynamic_sizes(tmp_path, capsys, fashion_mnist_dir):
     from mabn.apps import train as trainer
 
     out = tmp_path / "run"

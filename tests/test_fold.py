@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from conftest import assert_unchanged, calibrate, rel_error, snapshot
 from torch import nn
 from torch.testing import assert_close
 
@@ -15,49 +16,12 @@ F64 = torch.float64
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def _norm_layers(model):
-    return [m for m in model.modules() if isinstance(m, (mabn.StreamNorm, nn.modules.batchnorm._BatchNorm))]
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Random affine parameters, running statistics of a real batch (momentum 1), then perturbed."""
-    for m in _norm_layers(model):
-        if m.weight is not None:
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.2)
-        m.momentum = 1.0
-    model.train()
-    model(x)
-    for m in _norm_layers(model):
-        m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.7, 1.4))
-        if m.running_mean is not None:
-            m.running_mean.add_(torch.randn_like(m.running_mean) * 0.1)
-    return model.eval()
-
-
-def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max absolute error relative to the largest output."""
-    return ((got - expected).abs().max() / expected.abs().max()).item()
-
-
 def _assert_plain(model: nn.Module) -> None:
     """Nothing of this package and no foldable norm left (only the norms that cannot fold)."""
     for name, m in model.named_modules():
         assert not type(m).__module__.startswith("mabn.modules"), name
         assert not type(m).__module__.startswith("mabn.conv"), name
         assert not isinstance(m, nn.modules.batchnorm._BatchNorm), name
-
-
-def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [(type(m), m.training) for m in model.modules()])
-
-
-def _assert_unchanged(model, snapshot):
-    state, types = snapshot
-    now = model.state_dict()
-    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-    assert [(type(m), m.training) for m in model.modules()] == types
 
 
 SIZE = 96  # large enough that the last stage has 3x3 positions and its statistics are well estimated
@@ -79,9 +43,9 @@ def _check_resnet50_folded(folded, report):
 
 
 def test_resnet50_folds_exactly_in_float64(resnet50_wc):
-    snapshot = _snapshot(resnet50_wc)
+    snap = snapshot(resnet50_wc)
     folded, report = mabn.fold(resnet50_wc, return_report=True)
-    _assert_unchanged(resnet50_wc, snapshot)
+    assert_unchanged(resnet50_wc, snap)
     _check_resnet50_folded(folded, report)
     x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
     with torch.no_grad():
@@ -266,9 +230,9 @@ def test_model_that_is_a_single_norm():
 def test_to_batchnorm_rewrites_with_the_same_outputs():
     model = models.resnet_small(norm_layer="mabn", conv_layer="centralized", width=8).double()
     calibrate(model, torch.randn(4, 1, 12, 12, dtype=F64))
-    snapshot = _snapshot(model)
+    snap = snapshot(model)
     plain = mabn.to_batchnorm(model)
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snap)
     assert not any(type(m).__module__.startswith("mabn.") for m in plain.modules() if m is not plain and
                    not isinstance(m, (models.BasicBlock, models.ResNet)))  # fmt: skip
     assert type(plain.bn1) is nn.BatchNorm2d and torch.equal(plain.bn1.running_mean, torch.zeros(8, dtype=F64))

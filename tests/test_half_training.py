@@ -77,7 +77,8 @@ def _stats(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("norm", ["mabn", "bn", "brn"])
 @pytest.mark.parametrize(
     "dtype,huge",
-    [(torch.float16, 1e5), (torch.bfloat16, 3e38)],  # past each format's largest finite value
+    # Past each format's largest finite value. (float16 is the slower on the CPU: the fast suite runs bfloat16.)
+    [pytest.param(torch.float16, 1e5, marks=pytest.mark.slow), (torch.bfloat16, 3e38)],
 )
 def test_half_model_skips_overflowing_batches_exactly(norm, dtype, huge):
     bad = _model(norm).to(dtype)

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 from torch.testing import assert_close
 
@@ -14,17 +15,6 @@ import mabn
 
 F64 = torch.float64
 LAYERS_2D = [mabn.MABN2d, mabn.GhostBatchNorm2d, mabn.BatchRenorm2d]
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), f"{k} changed"
 
 
 def _trained(cls, steps=5, **kwargs):
@@ -44,9 +34,9 @@ def test_eval_is_per_channel_affine(cls):
     mean = layer.running_mean if layer.running_mean is not None else torch.zeros(4)
     scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
     expected = (x - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
-    before = _snapshot(layer)
+    before = snapshot(layer)
     assert_close(layer(x), expected)
-    _assert_unchanged(layer, before)  # eval never touches the statistics
+    assert_unchanged(layer, before)  # eval never touches the statistics
 
 
 def test_mabn_seeds_and_defaults():
@@ -155,10 +145,10 @@ def test_norm_batch_size_one_uncentered_and_centered():
     assert torch.isfinite(x.grad).all()
     # Centered with one value per channel and group has no variance: a clear error.
     ghost = mabn.GhostBatchNorm1d(5, norm_batch_size=1)
-    before = _snapshot(ghost)
+    before = snapshot(ghost)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ghost(torch.randn(3, 5))
-    _assert_unchanged(ghost, before)
+    assert_unchanged(ghost, before)
     # ... but with spatial positions a group of one sample is fine.
     mabn.GhostBatchNorm1d(5, norm_batch_size=1)(torch.randn(3, 5, 4))
 
@@ -181,6 +171,7 @@ def test_no_host_synchronization(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_norm",
     [
@@ -277,13 +268,13 @@ def test_bad_input_changes_nothing(cls, make_input, exc, fragment):
     x = make_input(4)
     if cls is mabn.MABN1d:
         x = x.flatten(2) if x.dim() == 4 else x.unsqueeze(-1).unsqueeze(-1)  # 3-D is valid for 1-d, 5-D is not
-    before = _snapshot(layer)
+    before = snapshot(layer)
     params = [p.detach().clone() for p in layer.parameters()]
     with pytest.raises(exc) as info:
         layer(x)
     if not (cls is mabn.MABN1d and fragment == "expected"):
         assert fragment in str(info.value)
-    _assert_unchanged(layer, before)
+    assert_unchanged(layer, before)
     assert all(torch.equal(a, b) for a, b in zip(params, layer.parameters()))
 
 
@@ -301,16 +292,16 @@ def test_input_dtype_other_than_the_layer_dtype(input_dtype, norm_batch_size):
 @pytest.mark.parametrize("cls", LAYERS_2D)
 def test_non_finite_input_skips_the_statistics_update(cls):
     layer = _trained(cls, steps=3, norm_batch_size=2)
-    before = _snapshot(layer)
+    before = snapshot(layer)
     x = torch.randn(4, 4, 3, 3)
     x[1, 2, 0, 0] = float("inf")
     x.requires_grad_()
     y = layer(x)
     assert not torch.isfinite(y).all()  # the output is what BatchNorm would give
     y.sum().backward()
-    _assert_unchanged(layer, before)  # but no buffer (window, counter, EMA) moved
+    assert_unchanged(layer, before)  # but no buffer (window, counter, EMA) moved
     layer(torch.randn(4, 4, 3, 3)).sum().backward()
-    assert layer.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
+    assert layer.num_batches_tracked.item() == before.state["num_batches_tracked"].item() + 1
 
 
 # --------------------------------------------------------------------------------- module API

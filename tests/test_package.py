@@ -40,8 +40,15 @@ def test_console_script_resolves():
     assert callable(getattr(importlib.import_module(module), func))
 
 
-def test_version_is_one():
+def test_version_lives_in_one_place():
+    """The build reads the version from ``mabn.__version__`` (hatch's dynamic version); pyproject has none."""
     import mabn
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["version"] == mabn.__version__
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    source = ROOT / pyproject["tool"]["hatch"]["version"]["path"]
+    assert source == LIBRARY / "__init__.py"
+    # hatch's default pattern: the one assignment to __version__ in that file.
+    found = re.findall(r"""^__version__\s*=\s*["']([^"']+)["']""", source.read_text(), re.MULTILINE)
+    assert found == [mabn.__version__]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mabn.__version__)

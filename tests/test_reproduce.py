@@ -31,7 +31,7 @@ def test_grids_follow_the_protocol(tmp_path):
             # Same gradient batch, model, schedule and seed everywhere; only the norm, B and WC change.
             assert (c["batch_size"] * r.processes, c["arch"], c["width"], c["depth"], c["lr"], c["epochs"]) == (
                 base["batch_size"], base["arch"], 16, 1, base["lr"], base["epochs"])  # fmt: skip
-            assert c["seed"] == 1 and c["conv"] == ("centralized" if r.wc else "none")
+            assert c["seed"] == 1 and c["conv"] == ("centralized" if r.wc else None)
     assert reproduce.GRID_SPECS["table1"].protocol["batch_size"] == 32
     seg = reproduce.GRIDS["segmentation"]
     assert [r.label for r in seg] == [
@@ -130,7 +130,8 @@ def test_list_prints_the_runs(tmp_path, capsys):
     assert len(lines) == 16 and "MABN(1)" in lines[-1]
 
 
-def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys):
+@pytest.mark.slow
+def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys, fashion_mnist_dir):
     out, results = tmp_path / "runs", tmp_path / "results"
     argv = ["reproduce", "segmentation", "--seeds", "1", "--epochs", "1", "--limit-train", "32", "--limit-test",
             "16", "--width", "8", "--jobs", "2", "--threads", "1", "--no-progress", "--out", str(out),
@@ -147,7 +148,8 @@ def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys):
     assert not list((out / "syncbn-b16-p2").glob("*.json"))  # the launch file is gone
 
 
-def test_finetune_grid_pretrains_once_then_fine_tunes(tmp_path, capsys):
+@pytest.mark.slow
+def test_finetune_grid_pretrains_once_then_fine_tunes(tmp_path, capsys, fashion_mnist_dir):
     out = tmp_path / "runs"
     argv = ["reproduce", "finetune", "--seeds", "1", "--epochs", "1", "--limit-train", "32", "--limit-test", "16",
             "--width", "8", "--threads", "1", "--no-progress", "--out", str(out), "--results-dir", str(tmp_path)]  # fmt: skip

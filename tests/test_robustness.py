@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -138,7 +139,6 @@ def test_non_tensor_input_is_a_type_error():
     for bad in ([[1.0]], (torch.randn(2, 3, 4, 4),), 3.0):
         with pytest.raises(TypeError, match="MABN2d takes a Tensor, got"):
             layer(bad)
-    np = pytest.importorskip("numpy")
     with pytest.raises(TypeError, match="got ndarray"):
         layer(np.zeros((2, 3, 4, 4), dtype=np.float32))
 

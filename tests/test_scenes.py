@@ -10,12 +10,12 @@ from mabn.apps import data, scenes
 
 
 @pytest.fixture(scope="module")
-def fashion():
+def fashion(fashion_mnist_dir):
     return {split: data.load_fashion_mnist(split) for split in ("train", "test")}
 
 
 @pytest.fixture(scope="module")
-def source():
+def source(fashion_mnist_dir):
     return scenes.SceneSource(canvas=64, num_train=48, num_test=16)
 
 
@@ -310,7 +310,7 @@ def test_segmentation_tensor_source_on_user_tensors():
         next(source.test_batches(0))
 
 
-def test_make_source_fashion_scenes():
+def test_make_source_fashion_scenes(fashion_mnist_dir):
     assert "fashion-scenes" in data.DATA_SOURCES
     assert data.DataSource.task == "classification" and data.synthetic_source(8, 8).task == "classification"
     made = data.make_source("fashion-scenes", limit_train=8, limit_test=4, image_size=64)
@@ -338,6 +338,6 @@ def test_plot_scenes(tmp_path, source):
     assert len(scenes.PALETTE) == len(scenes.SCENE_CLASSES) == 11 and scenes.SCENE_CLASSES[1] == "T-shirt/top"
 
 
-def test_command_line_plot(tmp_path, capsys):
+def test_command_line_plot(tmp_path, capsys, fashion_mnist_dir):
     assert scenes.main(["--plot", str(tmp_path / "f.png"), "--n", "2", "--canvas", "64"]) == 0
     assert (tmp_path / "f.png").exists() and "f.png" in capsys.readouterr().out

@@ -4,9 +4,10 @@ import doctest
 import functools
 import importlib
 
+import onnx
 import pytest
 import torch
-from test_fold import calibrate, rel_error
+from conftest import calibrate, rel_error, run_onnx
 from torch import nn
 
 import mabn
@@ -184,16 +185,7 @@ def test_group_norm_stays_and_is_reported():
         assert rel_error(folded(x), model(x)) <= 1e-5
 
 
-def _run_onnx(path, x):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-
-
 def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     model = _small("mabn", "centralized", norm_batch_size=2)
     calibrate(model, torch.randn(4, 1, 64, 64))
     nn.init.normal_(model.classifier.weight)  # outputs of order 1, so the tolerance means something
@@ -209,7 +201,7 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path):
         x = torch.randn(shape)
         with torch.no_grad():
             expected = model(x)
-        got = _run_onnx(path, x)
+        got = run_onnx(path, x)
         assert got.shape == expected.shape == (shape[0], 11, *shape[2:])
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 

@@ -6,9 +6,9 @@ import math
 import shlex
 
 import pytest
+from PIL import Image
 
 from mabn.apps.cli import main
-from mabn.apps.data import FASHION_MNIST_DIR
 from mabn.apps.stats import format_table, run_config, summarize, train_command
 from mabn.apps.train import STATS_LOG, train
 from mabn.monitor import read_stats_log, write_stats_csv, write_stats_jsonl
@@ -73,8 +73,6 @@ def test_summary_and_table(tiny_records):
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_stats_from_log_draws_plots(tiny_records, tmp_path, capsys, suffix):
-    pytest.importorskip("matplotlib")
-    Image = pytest.importorskip("PIL.Image")
     log = tmp_path / f"log{suffix}"
     (write_stats_csv if suffix == ".csv" else write_stats_jsonl)(tiny_records, log)
     out = tmp_path / "plots"
@@ -105,8 +103,8 @@ def test_stats_from_log_other_layer_and_errors(tiny_records, tmp_path, capsys):
     assert "log.txt" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
-def test_stats_trains_through_mabn_train(tmp_path, capsys):
+@pytest.mark.slow
+def test_stats_trains_through_mabn_train(tmp_path, capsys, fashion_mnist_dir):
     out, runs = tmp_path / "plots", tmp_path / "runs"
     argv = ["stats", "--steps", "3", "--width", "2", "--batch-size", "8", "--out", str(out), "--table-from", "0"]
     argv += ["--runs-dir", str(runs), "--save-log", str(out / "log.jsonl"), "--no-progress"]

@@ -12,6 +12,7 @@ import mabn
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_synced_layers_equal_one_process_on_the_whole_batch(tmp_path, world):
     import sync_worker

@@ -1,5 +1,6 @@
 """mabn train: outputs, bit-identical resume, atomic checkpoints, schedules and bad input."""
 
+import argparse
 import json
 import math
 import os
@@ -54,13 +55,10 @@ def test_train_writes_config_metrics_checkpoint_and_result(tmp_path):
     assert json.loads((out / "result.json").read_text())["error"] == result["error"]
 
 
-@pytest.mark.parametrize("norm,conv", [("mabn", "centralized"), ("brn", "none"), ("gn", "none")])
+@pytest.mark.parametrize("norm,conv", [("mabn", "centralized"), ("brn", None), ("gn", None)])
 def test_folded_model_has_the_same_error(tmp_path, norm, conv):
-    pytest.importorskip("mabn.fold")
     nbs = None if norm == "gn" else 2
     result = trainer.train(_config(tmp_path, norm=norm, norm_batch_size=nbs, conv=conv, epochs=1, limit_test=256))
-    if result["error_folded"] is None:
-        pytest.skip(f"fold does not handle {norm}: {result['fold_note']}")
     # Folding changes float rounding only: at most one of 256 predictions may flip.
     assert abs(result["error_folded"] - result["error"]) <= 100.0 / 256 + 1e-9
 
@@ -74,12 +72,12 @@ def _state(path):
     "norm,conv,opts",
     [
         ("mabn", "centralized", {"warmup_iters": 3, "renorm_warmup_iters": 5}),
-        ("brn", "none", {"renorm_warmup_iters": 5}),
+        ("brn", None, {"renorm_warmup_iters": 5}),
     ],
 )
 def test_resume_ends_with_the_same_weights(tmp_path, norm, conv, opts):
     # Short warm-ups, so that the SMA windows and renormalization are live across the interruptions.
-    kwargs = dict(norm=norm, norm_batch_size=2, conv=conv, epochs=3, norm_opts=opts)
+    kwargs = dict(norm=norm, norm_batch_size=2, conv=conv, epochs=3, norm_kwargs=opts)
     full = trainer.train(_config(tmp_path / "full", **kwargs))
     stopped = trainer.train(_config(tmp_path / "split", **kwargs), stop_after=1)
     assert stopped["stopped"] and stopped["epochs_done"] == 1
@@ -153,7 +151,7 @@ def test_max_steps_ends_the_run_inside_an_epoch(tmp_path):
     assert lines[-1]["lr"] == pytest.approx(trainer.learning_rate(c, 5, 4))
 
 
-MONITORED = dict(norm="mabn", norm_batch_size=2, conv="centralized", epochs=3, norm_opts={"warmup_iters": 3})
+MONITORED = dict(norm="mabn", norm_batch_size=2, conv="centralized", epochs=3, norm_kwargs={"warmup_iters": 3})
 
 
 def test_monitor_option_writes_the_log_and_does_not_change_training(tmp_path):
@@ -273,7 +271,7 @@ def test_accumulation_reproduces_the_large_batch_run(tmp_path):
     # 4 micro-batches of 8 with accumulation = one gradient batch of 32 with norm_batch_size 8: the same
     # statistics stream and the same gradients, up to the order of float sums.
     common = dict(
-        norm="mabn", conv="centralized", norm_batch_size=8, norm_opts={"warmup_iters": 2, "renorm_warmup_iters": 3}
+        norm="mabn", conv="centralized", norm_batch_size=8, norm_kwargs={"warmup_iters": 2, "renorm_warmup_iters": 3}
     )
     big = trainer.train(_config(tmp_path / "big", **common))
     acc = trainer.train(_config(tmp_path / "acc", accumulate=4, **common))
@@ -330,7 +328,7 @@ def pretrained(tmp_path_factory):
     ],
 )
 def test_init_from_a_pretrained_classifier(tmp_path, pretrained, opts):
-    from mabn.checkpoint_io import load_checkpoint, model_from_checkpoint
+    from mabn.serialization import load_checkpoint, model_from_checkpoint
 
     config = _config(tmp_path / "ft", epochs=1, width=8, max_steps=1, lr=0.0, weight_decay=0.0, init=str(pretrained))
     config.update(opts)
@@ -406,3 +404,47 @@ def test_runs_written_before_a_key_existed_still_match():
     older = {k: v for k, v in current.items() if k not in ("init", "init_preserve", "freeze_norm", "recalibrate")}
     assert config_differences(older, current) == []
     assert config_differences(older, {**current, "freeze_norm": True}) == ["freeze_norm: False -> True"]
+
+
+def _written_by_an_earlier_version(config):
+    """``config`` in the keys and values of earlier versions: ``norm_opts``, ``conv: "none"``."""
+    old = {("norm_opts" if key == "norm_kwargs" else key): value for key, value in config.items()}
+    return {**old, "conv": "none"} if old["conv"] is None else old
+
+
+def test_configurations_of_earlier_versions_still_load(tmp_path, capsys):
+    kwargs = dict(norm="mabn", norm_batch_size=2, norm_kwargs={"warmup_iters": 2, "renorm_warmup_iters": 3})
+    full = trainer.train(_config(tmp_path / "full", **kwargs))
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())["train"]
+    assert saved["norm_kwargs"] == kwargs["norm_kwargs"] and saved["conv"] is None
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_written_by_an_earlier_version(saved)))
+    # mabn train --config old.json, interrupted; its checkpoint rewritten as an earlier version wrote it.
+    out = tmp_path / "split"
+    assert _cli(["--config", str(old), "--out", str(out), "--stop-after", "1"], capsys)[0] == 0
+    ckpt = _load(out / "checkpoint.pt")
+    ckpt["config"] = _written_by_an_earlier_version(ckpt["config"])
+    torch.save(ckpt, out / "checkpoint.pt")
+    # ... then --resume: the same run, to the same weights.
+    code, err = _cli(["--config", str(old), "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    resumed = json.loads((out / "result.json").read_text())
+    assert resumed["param_digest"] == full["param_digest"]
+    assert resumed["config"]["norm_kwargs"] == kwargs["norm_kwargs"] and "norm_opts" not in resumed["config"]
+    with pytest.raises(ValueError, match="both 'norm_opts' .* and 'norm_kwargs'"):
+        trainer.check_config({"norm_opts": {"window": 4}, "norm_kwargs": {"window": 8}})
+
+
+def test_the_options_table_builds_the_parser_and_the_defaults():
+    parser = argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    assert trainer.config_from_args(parser.parse_args([])) == trainer.DEFAULTS
+    options = {action.dest: action for action in parser._actions}
+    assert set(trainer.DEFAULTS) - set(options) == {"momentum"}  # SGD's, fixed at 0.9: no option
+    argv = ["--conv", "none", "--norm-opt", "r_max=3", "--window", "8", "--milestones", "2,3", "--monitor-layers",
+            "a, b", "--sync-norm"]  # fmt: skip
+    config = trainer.config_from_args(parser.parse_args(argv))
+    assert config["conv"] is None and config["norm_kwargs"] == {"r_max": 3, "window": 8}
+    assert config["milestones"] == [2.0, 3.0] and config["monitor_layers"] == ["a", "b"] and config["sync_norm"]
+    assert trainer.config_from_args(parser.parse_args(["--conv", "centralized"]))["conv"] == "centralized"
+    assert trainer.DEFAULTS["norm_kwargs"] == {}  # not shared with (and changed through) a configuration

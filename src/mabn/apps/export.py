@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint_io import load_checkpoint, model_from_checkpoint
 from ..export import FORMATS, export_model
+from ..serialization import load_checkpoint, model_from_checkpoint
 
 __all__ = ["default_input_shape", "add_arguments", "run"]
 

@@ -15,7 +15,7 @@ from ..config import PRESET_DESCRIPTIONS
 
 __all__ = ["GRIDS", "GRID_SPECS", "PROTOCOL", "SEGMENTATION_PROTOCOL", "GridRun", "GridSpec", "grid_runs"]
 
-#: The classification protocol (DESIGN.md section 3): Table 1, the ablation, the batch sweep.
+#: The classification protocol (docs/design.md, section 12): Table 1, the ablation, the batch sweep.
 PROTOCOL: dict[str, Any] = {
     "data": "fashion-mnist",
     "arch": "resnet_small",
@@ -65,7 +65,7 @@ class GridRun:
         norm: the ``mabn.create_norm_layer`` name.
         norm_batch_size: samples per normalization group; None for per-sample norms.
         wc: weight-centralized convolutions (the paper's WC).
-        norm_opts: extra keywords of the norm layer.
+        norm_kwargs: extra keywords of the norm layer.
         processes: run under ``torchrun`` with this many processes (the gradient batch is split
             between them); more than one syncs the statistics (``--sync-norm``).
         options: further ``mabn train`` keys of the row (fine-tuning: ``init``, ``freeze_norm`` ...).
@@ -77,7 +77,7 @@ class GridRun:
     norm: str
     norm_batch_size: int | None
     wc: bool = False
-    norm_opts: tuple[tuple[str, Any], ...] = ()
+    norm_kwargs: tuple[tuple[str, Any], ...] = ()
     processes: int = 1
     options: tuple[tuple[str, Any], ...] = ()
     pretrained: bool = False
@@ -112,8 +112,8 @@ class GridRun:
             **base,
             "norm": self.norm,
             "norm_batch_size": b,
-            "norm_opts": dict(self.norm_opts),
-            "conv": "centralized" if self.wc else "none",
+            "norm_kwargs": dict(self.norm_kwargs),
+            "conv": "centralized" if self.wc else None,
             "batch_size": batch,
             "seed": seed,
             "out": str(out / self.slug / f"seed{seed}"),
@@ -151,7 +151,7 @@ class GridSpec:
 ABLATION_ROWS = PRESET_DESCRIPTIONS
 
 # 8 groups in every layer: torch's usual 32 would leave one channel per group in 16-channel layers.
-_GN = GridRun("GN", "gn", None, norm_opts=(("num_groups", 8),))
+_GN = GridRun("GN", "gn", None, norm_kwargs=(("num_groups", 8),))
 
 
 def _classification_grids() -> dict[str, list[GridRun]]:

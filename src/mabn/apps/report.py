@@ -307,7 +307,7 @@ def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], see
     """
     import torch
 
-    from ..checkpoint_io import load_checkpoint, model_from_checkpoint
+    from ..serialization import load_checkpoint, model_from_checkpoint
     from .data import make_source
     from .scenes import plot_scenes
 

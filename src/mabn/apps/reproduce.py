@@ -2,7 +2,7 @@
 
 ``mabn reproduce GRID`` trains every run of a grid with ``mabn.train.train`` under one protocol
 (:mod:`mabn.apps.grids`): the classification grids use the same ResNet (three stages of one basic
-block, widths 16/32/64), gradient batch 32 and SGD schedule (DESIGN.md section 3) for every row;
+block, widths 16/32/64), gradient batch 32 and SGD schedule (docs/design.md, section 12) for every row;
 only the normalization layer, its normalization batch and weight centralization change. Grids:
 
 * ``table1``: BN(32), BN(2) (ghost BN), BRN(2), MABN(2) with weight centralization, GroupNorm;

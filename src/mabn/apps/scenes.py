@@ -1,6 +1,6 @@
 """Semantic segmentation scenes composed of real Fashion-MNIST images (the dense-prediction stand-in).
 
-No detection or segmentation data set can be installed here, so (DESIGN.md section 5) a scene is a
+No detection or segmentation data set can be installed here, so (docs/design.md, section 12) a scene is a
 zero canvas with several Fashion-MNIST items pasted on it, each resized to a random square side at
 a random position; later items occlude earlier ones. An item's pixels are those whose resized
 intensity exceeds :data:`FOREGROUND_THRESHOLD`; only they are pasted, and the label map gives each

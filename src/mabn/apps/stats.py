@@ -37,8 +37,8 @@ __all__ = [
 
 #: run name -> the training options of the run and what the plots call it.
 RUNS: dict[str, dict[str, Any]] = {
-    "bn": {"norm": "bn", "conv": "none", "title": "BN (ghost BN)"},
-    "uncentered": {"norm": "uncentered", "conv": "none", "title": "uncentered form, batch statistics"},
+    "bn": {"norm": "bn", "conv": None, "title": "BN (ghost BN)"},
+    "uncentered": {"norm": "uncentered", "conv": None, "title": "uncentered form, batch statistics"},
     "mabn": {"norm": "mabn", "conv": "centralized", "title": "MABN (+ weight centralization)"},
 }
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
-
-from torch import nn
 
 from ...conv import CONV_CHOICES
 from ...convert import PRESERVE_CHOICES
@@ -30,52 +31,53 @@ METRICS = "metrics.jsonl"
 RESULT = "result.json"
 STATS_LOG = "batch_stats.csv.gz"
 
-#: Every key of a training configuration and its default (``mabn train --help`` documents them).
-DEFAULTS: dict[str, Any] = {
-    "task": None,
-    "data": "fashion-mnist",
-    "data_dir": None,
-    "limit_train": None,
-    "limit_test": None,
-    "image_size": None,
-    "arch": None,
-    "depth": None,
-    "width": None,
-    "norm": "bn",
-    "norm_opts": {},
-    "conv": "none",
-    "batch_size": 32,
-    "norm_batch_size": None,
-    "accumulate": 1,
-    "sync_norm": False,
-    "checkpoint_activations": False,
-    "init": None,
-    "init_preserve": "function",
-    "freeze_norm": False,
-    "recalibrate": None,
-    "epochs": 5,
-    "max_steps": None,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",
-    "warmup_epochs": 0.5,
-    "milestones": None,
-    "lr_gamma": 0.1,
-    "seed": 0,
-    "eval_every": 1,
-    "eval_batch_size": 500,
-    "device": "auto",
-    "threads": None,
-    "workers": 0,
-    "out": "runs/train",
-    "monitor_every": None,
-    "monitor_layers": None,
-}
 
-#: Keys that may differ between a run and its ``--resume`` (they do not change the computation).
-RUNTIME_KEYS = frozenset({"data_dir", "eval_batch_size", "threads", "workers", "out", "device"})
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of ``mabn train``: its configuration key, default, command-line form and help.
+
+    ``key`` is the key in the training configuration (``config=False``: an option of the command line
+    only, such as ``--resume``) and the attribute of the parsed arguments; with ``_`` -> ``-`` it is
+    the option's name, unless ``flag`` names it (``flag=None``: a configuration key without option).
+    ``group`` is the ``--help`` section, ``type``, ``choices``, ``metavar`` and ``action`` are
+    ``add_argument``'s, and ``parse`` turns a parsed value into the configuration's (for example
+    comma-separated text into a list; ``None`` is never parsed).
+
+    Example::
+
+        >>> Option("lr", 0.05, "peak SGD learning rate (default: %(default)s)", "optimization", type=float).option
+        '--lr'
+
+    """
+
+    key: str
+    default: Any
+    help: str
+    group: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    action: str | type[argparse.Action] | None = None
+    flag: str | None = ""
+    config: bool = True
+    parse: Callable[[Any], Any] | None = None
+
+    @property
+    def option(self) -> str | None:
+        """The command-line option (``--data-dir``), or None for a configuration key with none."""
+        if self.flag is None:
+            return None
+        return self.flag or "--" + self.key.replace("_", "-")
+
+    def argparse_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``add_argument`` for this option."""
+        kwargs: dict[str, Any] = {"dest": self.key, "help": self.help, "action": self.action}
+        if self.action not in ("store_true", argparse.BooleanOptionalAction):  # flags take no value
+            kwargs.update(type=self.type, choices=self.choices, metavar=self.metavar)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        # A parsed option's default is the configuration's, filled in by config_from_args.
+        kwargs["default"] = None if self.parse is not None else self.default
+        return kwargs
 
 
 def _parse_value(text: str) -> Any:
@@ -86,193 +88,297 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _parse_norm_opts(items: list[str] | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in items or []:
+def _parse_norm_kwargs(items: list[str]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--norm-opt expects KEY=VALUE, got {item!r}")
-        opts[key.strip()] = _parse_value(value.strip())
-    return opts
+        kwargs[key.strip()] = _parse_value(value.strip())
+    return kwargs
+
+
+def _parse_milestones(text: str) -> list[float] | None:
+    try:
+        return [float(m) for m in text.split(",") if m.strip()] or None
+    except ValueError:
+        raise ValueError(f"--milestones expects comma-separated epochs, got {text!r}") from None
+
+
+def _parse_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _parse_conv(text: str) -> str | None:
+    return None if text == "none" else text
+
+
+#: The options of ``mabn train`` in ``--help`` order, by group: the one table the parser, the
+#: configuration keys and their defaults (:data:`DEFAULTS`) come from.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "config",
+        None,
+        "train the configuration in this JSON file (e.g. a run's config.json); only --out, --threads, "
+        "--device, --data-dir, --workers and --eval-batch-size may be given with it",
+        metavar="FILE",
+        config=False,
+    ),
+    # data
+    Option(
+        "task",
+        None,
+        "classification (top-1 error) or segmentation (pixel cross-entropy, mean IoU); default: the data's",
+        "data",
+        choices=TASKS,
+    ),
+    Option("data", "fashion-mnist", f"data source: {', '.join(DATA_SOURCES)} (default: %(default)s)", "data"),
+    Option(
+        "data_dir",
+        None,
+        "data directory (fashion-mnist default: /usr/share/datasets/fashion-mnist; imagefolder: "
+        "a directory with train/ and val/ folders of class folders)",
+        "data",
+    ),
+    Option("limit_train", None, "use only this many training samples", "data", type=int),
+    Option("limit_test", None, "use only this many test samples", "data", type=int),
+    Option(
+        "image_size",
+        None,
+        "input side: imagefolder crops (default: 224), fashion-scenes canvas (default: 96)",
+        "data",
+        type=int,
+    ),
+    Option("workers", 0, "imagefolder decoding processes (default: %(default)s)", "data", type=int),
+    # model
+    Option(
+        "arch",
+        None,
+        f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation)",
+        "model",
+    ),
+    Option("depth", None, "resnet_small, fpn_resnet_small: basic blocks per stage", "model", type=int),
+    Option("width", None, "resnet_small, fpn_resnet_small: channels of the first stage", "model", type=int),
+    Option(
+        "norm",
+        "bn",
+        f"normalization: {', '.join(NORM_NAMES)} (mabn.create_norm_layer names) (default: %(default)s)",
+        "model",
+    ),
+    Option(
+        "norm_kwargs",
+        {},
+        "extra keyword of the normalization layer, repeatable (e.g. r_max=3, warmup_iters=100)",
+        "model",
+        metavar="KEY=VALUE",
+        action="append",
+        flag="--norm-opt",
+        parse=_parse_norm_kwargs,
+    ),
+    # --window, --momentum and --eps are shorthands for --norm-opt window=..., momentum=..., eps=...
+    Option("window", None, "SMA window m of the norm (default: the layer's, 16)", "model", type=int, config=False),
+    Option(
+        "norm_momentum",
+        None,
+        "running-statistics momentum of the norm",
+        "model",
+        type=float,
+        metavar="MOMENTUM",
+        flag="--momentum",
+        config=False,
+    ),
+    Option("eps", None, "eps of the norm", "model", type=float, config=False),
+    Option(
+        "conv",
+        None,
+        "convolutions: none (plain) or centralized (weight centralization, the paper's WC); "
+        "default: none. The reproduction grids set it explicitly (WC for MABN).",
+        "model",
+        choices=CONV_CHOICES,
+        parse=_parse_conv,
+    ),
+    Option(
+        "sync_norm",
+        False,
+        "under torchrun: sync the normalization statistics over the processes (each normalization "
+        "group is the union of the matching groups of every process; SyncBatchNorm for bn, on gloo too)",
+        "model",
+        action="store_true",
+    ),
+    Option(
+        "checkpoint_activations",
+        False,
+        "recompute each stage's activations in the backward pass (mabn.checkpoint: the recomputation "
+        "reuses the statistics of the forward) to save memory",
+        "model",
+        action="store_true",
+    ),
+    # fine-tuning
+    Option(
+        "init",
+        None,
+        "start from the weights of a mabn train checkpoint (a classifier's become the encoder of a "
+        "segmentation model); its BatchNorms are converted to --norm",
+        "fine-tuning",
+        metavar="CKPT",
+    ),
+    Option(
+        "init_preserve",
+        "function",
+        "BatchNorm -> MABN seeding of --init (mabn.convert_model's preserve): function (the converted "
+        "model computes what the pretrained one did) or statistics (R = var + mean^2); default: %(default)s",
+        "fine-tuning",
+        choices=PRESERVE_CHOICES,
+    ),
+    Option(
+        "freeze_norm",
+        False,
+        "with --init: the pretrained (encoder's) BatchNorms become mabn.FrozenBatchNorm (fixed statistics "
+        "and affine parameters); the other norms follow --norm",
+        "fine-tuning",
+        action="store_true",
+    ),
+    Option(
+        "recalibrate",
+        None,
+        "after training, re-estimate the running statistics over N training batches (mabn.recalibrate)",
+        "fine-tuning",
+        type=int,
+        metavar="N",
+    ),
+    # optimization
+    Option("batch_size", 32, "gradient batch per process (default: %(default)s)", "optimization", type=int),
+    Option(
+        "norm_batch_size",
+        None,
+        "samples per normalization group; must divide the micro-batch --batch-size / --accumulate "
+        "(default: the whole micro-batch)",
+        "optimization",
+        type=int,
+    ),
+    Option(
+        "accumulate",
+        1,
+        "gradient accumulation: K micro-batches of --batch-size / K samples per optimizer step; the "
+        "normalization statistics stream through them as through one batch (default: %(default)s)",
+        "optimization",
+        type=int,
+        metavar="K",
+    ),
+    Option("epochs", 5, "training epochs (default: %(default)s)", "optimization", type=int),
+    Option(
+        "max_steps",
+        None,
+        "end the run after this many optimizer steps, inside an epoch if need be; the schedule "
+        "still spans --epochs (default: no limit)",
+        "optimization",
+        type=int,
+    ),
+    Option("lr", 0.05, "peak SGD learning rate (default: %(default)s)", "optimization", type=float),
+    Option("momentum", 0.9, "SGD momentum", flag=None),
+    Option("nesterov", False, "Nesterov momentum (SGD momentum is 0.9)", "optimization", action="store_true"),
+    Option("weight_decay", 1e-4, "default: %(default)s", "optimization", type=float),
+    Option("schedule", "cosine", "cosine, step or constant (default: %(default)s)", "optimization"),
+    Option("warmup_epochs", 0.5, "linear warm-up length (default: %(default)s)", "optimization", type=float),
+    Option(
+        "milestones",
+        None,
+        "step schedule: comma-separated epochs where the rate is multiplied by --lr-gamma "
+        "(default: 50%% and 75%% of the epochs)",
+        "optimization",
+        parse=_parse_milestones,
+    ),
+    Option("lr_gamma", 0.1, "step schedule factor (default: %(default)s)", "optimization", type=float),
+    Option("seed", 0, "seed of weights, data order and augmentation", "optimization", type=int),
+    # run
+    Option("eval_every", 1, "evaluate every N epochs and at the end (default: %(default)s)", "run", type=int),
+    Option("eval_batch_size", 500, "default: %(default)s", "run", type=int),
+    Option("device", "auto", "auto (CUDA when available), cpu, cuda (default: %(default)s)", "run"),
+    Option("threads", None, "torch CPU threads (default: torch's choice)", "run", type=int),
+    Option("out", "runs/train", "output directory (default: %(default)s)", "run"),
+    Option(
+        "resume", False, "continue the run in --out from its last checkpoint", "run", action="store_true", config=False
+    ),
+    Option("overwrite", False, "start afresh even if --out holds a run", "run", action="store_true", config=False),
+    Option(
+        "stop_after",
+        None,
+        "stop once this many epochs are done (continue later with --resume)",
+        "run",
+        type=int,
+        metavar="EPOCHS",
+        config=False,
+    ),
+    Option(
+        "progress",
+        None,
+        "progress bar (default: on a tty)",
+        "run",
+        action=argparse.BooleanOptionalAction,
+        config=False,
+    ),
+    # batch-statistics monitor
+    Option(
+        "monitor_every",
+        None,
+        "record the batch statistics (mu, sigma^2, g, Psi) of the normalization layers every N steps "
+        f"into OUT/{STATS_LOG} (mabn.BatchStatsMonitor; plot with mabn stats --log)",
+        "batch-statistics monitor",
+        type=int,
+        metavar="N",
+    ),
+    Option(
+        "monitor_layers",
+        None,
+        "comma-separated layer names to monitor (default: every normalization layer)",
+        "batch-statistics monitor",
+        metavar="NAMES",
+        parse=_parse_names,
+    ),
+)
+
+#: Every key of a training configuration and its default (``mabn train --help`` documents them).
+DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS if o.config}
+
+#: Configuration key -> its command-line option.
+_OPTION_OF: dict[str, str] = {o.key: o.option for o in OPTIONS if o.config and o.option is not None}
+
+#: Keys that may differ between a run and its ``--resume`` (they do not change the computation).
+RUNTIME_KEYS = frozenset({"data_dir", "eval_batch_size", "threads", "workers", "out", "device"})
+
+#: Configuration keys of earlier versions and their names now (configurations written then still load).
+RENAMED_KEYS = {"norm_opts": "norm_kwargs"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``mabn train`` to ``parser``."""
-    d = DEFAULTS
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE",
-        help="train the configuration in this JSON file (e.g. a run's config.json); only --out, --threads, "
-        "--device, --data-dir, --workers and --eval-batch-size may be given with it",
-    )
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--task",
-        default=None,
-        choices=TASKS,
-        help="classification (top-1 error) or segmentation (pixel cross-entropy, mean IoU); default: the data's",
-    )
-    g.add_argument("--data", default=d["data"], help=f"data source: {', '.join(DATA_SOURCES)} (default: %(default)s)")
-    g.add_argument(
-        "--data-dir",
-        default=None,
-        help="data directory (fashion-mnist default: /usr/share/datasets/fashion-mnist; imagefolder: "
-        "a directory with train/ and val/ folders of class folders)",
-    )
-    g.add_argument("--limit-train", type=int, default=None, help="use only this many training samples")
-    g.add_argument("--limit-test", type=int, default=None, help="use only this many test samples")
-    g.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="input side: imagefolder crops (default: 224), fashion-scenes canvas (default: 96)",
-    )
-    g.add_argument("--workers", type=int, default=0, help="imagefolder decoding processes (default: 0)")
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--arch",
-        default=None,
-        help=f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation)",
-    )
-    g.add_argument("--depth", type=int, default=None, help="resnet_small, fpn_resnet_small: basic blocks per stage")
-    g.add_argument(
-        "--width", type=int, default=None, help="resnet_small, fpn_resnet_small: channels of the first stage"
-    )
-    g.add_argument(
-        "--norm",
-        default=d["norm"],
-        help=f"normalization: {', '.join(NORM_NAMES)} (mabn.create_norm_layer names) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--norm-opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="extra keyword of the normalization layer, repeatable (e.g. r_max=3, warmup_iters=100)",
-    )
-    g.add_argument("--window", type=int, default=None, help="SMA window m of the norm (default: the layer's, 16)")
-    g.add_argument("--momentum", type=float, default=None, help="running-statistics momentum of the norm")
-    g.add_argument("--eps", type=float, default=None, help="eps of the norm")
-    g.add_argument(
-        "--conv",
-        default=d["conv"],
-        choices=CONV_CHOICES,
-        help="convolutions: none (plain) or centralized (weight centralization, the paper's WC); "
-        "default: none. The reproduction grids set it explicitly (WC for MABN).",
-    )
-    g.add_argument(
-        "--sync-norm",
-        action="store_true",
-        help="under torchrun: sync the normalization statistics over the processes (each normalization "
-        "group is the union of the matching groups of every process; SyncBatchNorm for bn, on gloo too)",
-    )
-    g.add_argument(
-        "--checkpoint-activations",
-        action="store_true",
-        help="recompute each stage's activations in the backward pass (mabn.checkpoint: the recomputation "
-        "reuses the statistics of the forward) to save memory",
-    )
-    g = parser.add_argument_group("fine-tuning")
-    g.add_argument(
-        "--init",
-        default=None,
-        metavar="CKPT",
-        help="start from the weights of a mabn train checkpoint (a classifier's become the encoder of a "
-        "segmentation model); its BatchNorms are converted to --norm",
-    )
-    g.add_argument(
-        "--init-preserve",
-        default=d["init_preserve"],
-        choices=PRESERVE_CHOICES,
-        help="BatchNorm -> MABN seeding of --init (mabn.convert_model's preserve): function (the converted "
-        "model computes what the pretrained one did) or statistics (R = var + mean^2); default: %(default)s",
-    )
-    g.add_argument(
-        "--freeze-norm",
-        action="store_true",
-        help="with --init: the pretrained (encoder's) BatchNorms become mabn.FrozenBatchNorm (fixed statistics "
-        "and affine parameters); the other norms follow --norm",
-    )
-    g.add_argument(
-        "--recalibrate",
-        type=int,
-        default=None,
-        metavar="N",
-        help="after training, re-estimate the running statistics over N training batches (mabn.recalibrate)",
-    )
-    g = parser.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="gradient batch per process (default: 32)")
-    g.add_argument(
-        "--norm-batch-size",
-        type=int,
-        default=None,
-        help="samples per normalization group; must divide the micro-batch --batch-size / --accumulate "
-        "(default: the whole micro-batch)",
-    )
-    g.add_argument(
-        "--accumulate",
-        type=int,
-        default=1,
-        metavar="K",
-        help="gradient accumulation: K micro-batches of --batch-size / K samples per optimizer step; the "
-        "normalization statistics stream through them as through one batch (default: 1)",
-    )
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
-    g.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="end the run after this many optimizer steps, inside an epoch if need be; the schedule "
-        "still spans --epochs (default: no limit)",
-    )
-    g.add_argument("--lr", type=float, default=d["lr"], help="peak SGD learning rate (default: %(default)s)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD momentum is 0.9)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default: %(default)s")
-    g.add_argument("--schedule", default=d["schedule"], help="cosine, step or constant (default: %(default)s)")
-    g.add_argument(
-        "--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warm-up length (default: 0.5)"
-    )
-    g.add_argument(
-        "--milestones",
-        default=None,
-        help="step schedule: comma-separated epochs where the rate is multiplied by --lr-gamma "
-        "(default: 50%% and 75%% of the epochs)",
-    )
-    g.add_argument("--lr-gamma", type=float, default=d["lr_gamma"], help="step schedule factor (default: 0.1)")
-    g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights, data order and augmentation")
-    g = parser.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and at the end (default: 1)")
-    g.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"], help="default: %(default)s")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda (default: auto)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--out", default=d["out"], help="output directory (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
-    g.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        metavar="EPOCHS",
-        help="stop once this many epochs are done (continue later with --resume)",
-    )
-    g.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
-    )
-    g = parser.add_argument_group("batch-statistics monitor")
-    g.add_argument(
-        "--monitor-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"record the batch statistics (mu, sigma^2, g, Psi) of the normalization layers every N steps "
-        f"into OUT/{STATS_LOG} (mabn.BatchStatsMonitor; plot with mabn stats --log)",
-    )
-    g.add_argument(
-        "--monitor-layers",
-        default=None,
-        metavar="NAMES",
-        help="comma-separated layer names to monitor (default: every normalization layer)",
-    )
+    """Add the options of ``mabn train`` (:data:`OPTIONS`) to ``parser``, in their groups."""
+    groups: dict[str | None, Any] = {None: parser}
+    for option in OPTIONS:
+        if option.option is None:
+            continue
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        groups[option.group].add_argument(option.option, **option.argparse_kwargs())
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration written by an earlier version, in today's keys and values (a new dict).
+
+    ``norm_opts`` is now ``norm_kwargs`` and ``conv: "none"`` is ``None``, as in :mod:`mabn`.
+
+    Raises:
+        ValueError: the configuration holds both a key and its old name, with different values.
+    """
+    config = dict(config)
+    for old, new in RENAMED_KEYS.items():
+        if old in config:
+            value = config.pop(old)
+            if new in config and config[new] != value:
+                raise ValueError(f"the configuration has both {old!r} (the old name of {new!r}) and {new!r}")
+            config[new] = value
+    if config.get("conv") == "none":
+        config["conv"] = None
+    return config
 
 
 def config_from_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -288,68 +394,26 @@ def config_from_file(path: str, args: argparse.Namespace, parser: argparse.Argum
     defaults = config_from_args(parser.parse_args([]))
     extra = sorted(k for k in given if given[k] != defaults[k] and k not in RUNTIME_KEYS)
     if extra:
-        options = ", ".join("--" + k.replace("_", "-") for k in extra)
+        options = ", ".join(_OPTION_OF.get(k, "--" + k.replace("_", "-")) for k in extra)
         raise ValueError(f"--config {path} holds the training options; {options} cannot be given with it")
     runtime = {k: given[k] for k in RUNTIME_KEYS if given[k] != defaults[k]}
-    return {**config, **runtime}
+    return {**upgrade_config(config), **runtime}
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The training configuration (keys of :data:`DEFAULTS`) from parsed ``mabn train`` options."""
-    norm_opts = _parse_norm_opts(args.norm_opt)
-    for key in ("window", "momentum", "eps"):
-        if getattr(args, key) is not None:
-            norm_opts[key] = getattr(args, key)
-    milestones = None
-    if args.milestones:
-        try:
-            milestones = [float(m) for m in args.milestones.split(",") if m.strip()]
-        except ValueError:
-            raise ValueError(f"--milestones expects comma-separated epochs, got {args.milestones!r}") from None
-    config = dict(DEFAULTS)
-    config.update(
-        task=args.task,
-        data=args.data,
-        data_dir=args.data_dir,
-        limit_train=args.limit_train,
-        limit_test=args.limit_test,
-        image_size=args.image_size,
-        arch=args.arch,
-        depth=args.depth,
-        width=args.width,
-        norm=args.norm,
-        norm_opts=norm_opts,
-        conv=args.conv,
-        batch_size=args.batch_size,
-        norm_batch_size=args.norm_batch_size,
-        accumulate=args.accumulate,
-        sync_norm=args.sync_norm,
-        checkpoint_activations=args.checkpoint_activations,
-        init=args.init,
-        init_preserve=args.init_preserve,
-        freeze_norm=args.freeze_norm,
-        recalibrate=args.recalibrate,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        milestones=milestones,
-        lr_gamma=args.lr_gamma,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size,
-        device=args.device,
-        threads=args.threads,
-        workers=args.workers,
-        out=args.out,
-        monitor_every=args.monitor_every,
-        monitor_layers=[n.strip() for n in args.monitor_layers.split(",") if n.strip()]
-        if args.monitor_layers is not None
-        else None,
-    )
+    config = copy.deepcopy(DEFAULTS)
+    for option in OPTIONS:
+        if not option.config or option.option is None:
+            continue
+        value = getattr(args, option.key)
+        if value is not None and option.parse is not None:
+            value = option.parse(value)
+        config[option.key] = copy.deepcopy(option.default) if value is None else value
+    # The shorthands of --norm-opt.
+    for key, dest in (("window", "window"), ("momentum", "norm_momentum"), ("eps", "eps")):
+        if getattr(args, dest) is not None:
+            config["norm_kwargs"] = {**config["norm_kwargs"], key: getattr(args, dest)}
     return config
 
 
@@ -363,6 +427,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
         ValueError: an unknown key or choice, a task the data or the model cannot do, a non-positive
             size, or batch sizes that do not divide each other (the message names the values).
     """
+    config = upgrade_config(config)
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -390,14 +455,14 @@ def _check_choices(c: dict[str, Any]) -> None:
         raise ValueError(f"unknown data source {c['data']!r}; choose one of {', '.join(DATA_SOURCES)}")
     if c["arch"] is not None and c["arch"] not in ARCHS:
         raise ValueError(f"unknown --arch {c['arch']!r}; choose one of {', '.join(ARCHS)}")
-    if c["conv"] not in CONV_CHOICES:
+    if c["conv"] not in (None, "centralized"):
         raise ValueError(f"unknown --conv {c['conv']!r}; choose one of {', '.join(CONV_CHOICES)}")
     if c["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown --schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
     if c["device"] not in ("auto", "cpu", "cuda") and not str(c["device"]).startswith("cuda:"):
         raise ValueError(f"unknown --device {c['device']!r}; choose auto, cpu or cuda")
-    if not isinstance(c["norm_opts"], dict):
-        raise ValueError(f"norm_opts must be a dict, got {c['norm_opts']!r}")
+    if not isinstance(c["norm_kwargs"], dict):
+        raise ValueError(f"norm_kwargs must be a dict, got {c['norm_kwargs']!r}")
     for key in ("sync_norm", "checkpoint_activations", "freeze_norm"):
         if not isinstance(c[key], bool):
             raise ValueError(f"{key} must be true or false, got {c[key]!r}")
@@ -478,7 +543,7 @@ def _check_batches(c: dict[str, Any]) -> None:
 
 def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> dict[str, Any]:
     """The ``mabn.models.build_model`` configuration of a training configuration."""
-    norm_kwargs = dict(config["norm_opts"])
+    norm_kwargs = dict(config["norm_kwargs"])
     if config["norm_batch_size"] is not None:
         norm_kwargs["norm_batch_size"] = config["norm_batch_size"]
     if config["accumulate"] > 1 and is_batch_norm(config["norm"]):
@@ -489,7 +554,7 @@ def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> 
         "in_channels": in_channels,
         "norm": config["norm"],
         "norm_kwargs": norm_kwargs,
-        "conv": None if config["conv"] == "none" else config["conv"],
+        "conv": config["conv"],
     }
     for key in ("depth", "width"):
         if config[key] is not None:
@@ -499,21 +564,13 @@ def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> 
     return mc
 
 
-def build_model(mc: dict[str, Any]) -> nn.Module:
-    """``mabn.models.build_model`` with its errors turned into one-line ``ValueError``s."""
-    from ...models import build_model as _build
-
-    try:
-        return _build(mc)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"cannot build the model ({mc['arch']}, norm {mc['norm']!r}): {exc}") from None
-
-
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The keys whose values differ (runtime keys aside), as ``"key: old -> new"``.
 
-    A key the saved configuration lacks (written before the key existed) counts as its default.
+    A key the saved configuration lacks (written before the key existed) counts as its default, and
+    keys and values of earlier versions are read as today's (:func:`upgrade_config`).
     """
+    saved, current = upgrade_config(saved), upgrade_config(current)
     keys = sorted((set(saved) | set(current)) - RUNTIME_KEYS)
     old = {k: saved.get(k, DEFAULTS.get(k)) for k in keys}
     new = {k: current.get(k, DEFAULTS.get(k)) for k in keys}

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checkpoint_io import load_checkpoint, model_from_checkpoint
 from ...convert import convert_model
 from ...recalibrate import recalibrate
+from ...serialization import load_checkpoint, model_from_checkpoint
 
 
 def load_pretrained(model: nn.Module, config: dict[str, Any], mc: dict[str, Any]) -> str:

@@ -47,8 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from ...factory import canonical_name, is_batch_norm
+from ...models import build_model
+from ...serialization import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from ..data import make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
 from .config import (
@@ -57,7 +58,6 @@ from .config import (
     METRICS,
     RESULT,
     STATS_LOG,
-    build_model,
     check_config,
     config_differences,
     model_config,
@@ -208,7 +208,10 @@ def _open(config: dict[str, Any], ckpt: dict[str, Any] | None) -> _Run:
     mc = model_config(config, source.num_classes, source.in_channels)
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
-    model = build_model(mc)
+    try:
+        model = build_model(mc)
+    except (ValueError, TypeError) as exc:  # one line for the command: which model, what is wrong
+        raise ValueError(f"cannot build the model ({mc['arch']}, norm {mc['norm']!r}): {exc}") from None
     if ckpt is None and config["init"] is not None:
         _log(ddp.rank, load_pretrained(model, config, mc))
     model = model.to(device)

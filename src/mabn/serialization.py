@@ -1,4 +1,4 @@
-"""Training checkpoints: the file format that ``mabn train`` writes and ``mabn export`` reads.
+"""Training checkpoint files: the format that ``mabn train`` writes and ``mabn export`` reads.
 
 A checkpoint is a dict saved with ``torch.save``: ``{"format": "mabn-checkpoint", "version": 1,
 "model_config": {...}, "model": state_dict, ...}`` plus the training state (epoch, step, optimizer,
