@@ -29,10 +29,6 @@ def _mypy(*files: pathlib.Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the layer classes are generated with type() and annotated so that mypy takes MABN2d for StreamNorm",
-)
 def test_public_api_type_checks_and_a_wrong_keyword_does_not(tmp_path):
     wrong = tmp_path / "wrong_keyword.py"
     wrong.write_text("import mabn\n\nmabn.MABN2d(64, norm_batchsize=2)\n")
