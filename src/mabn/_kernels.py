@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +49,15 @@ HALF = (torch.float16, torch.bfloat16)
 #: Per-sample size from which contiguous CPU input is reduced sample by sample (statistics, gradients).
 PER_SAMPLE_MIN_NUMEL = 1 << 14
 
-_settings: dict[str, object] = {"cpu_specific": True, "forced": {}}
+# Per thread (what use_paths sets in one thread is invisible to the others).
+_local = threading.local()
+
+
+def _settings() -> dict[str, Any]:
+    settings = getattr(_local, "settings", None)
+    if settings is None:
+        settings = _local.settings = {"cpu_specific": True, "forced": {}}
+    return settings
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +69,8 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def use_paths(cpu_specific: bool | None = None, **forced: str) -> Iterator[None]:
     """Switch the CPU-specific paths on or off and force paths by job, inside the ``with`` block.
 
+    The setting belongs to the calling thread.
+
     Example::
 
         >>> import torch, mabn
@@ -69,14 +81,15 @@ def use_paths(cpu_specific: bool | None = None, **forced: str) -> Iterator[None]
     for job, path in forced.items():
         if job not in PATHS or path not in PATHS[job]:
             raise ValueError(f"unknown kernel path {job}={path!r}; known: {PATHS}")
-    saved = dict(_settings)
+    settings = _settings()
+    saved = dict(settings)
     if cpu_specific is not None:
-        _settings["cpu_specific"] = bool(cpu_specific)
-    _settings["forced"] = {**saved["forced"], **forced}  # type: ignore[dict-item]
+        settings["cpu_specific"] = bool(cpu_specific)
+    settings["forced"] = {**saved["forced"], **forced}
     try:
         yield
     finally:
-        _settings.update(saved)
+        settings.update(saved)
 
 
 def _per_sample_ok(x: Tensor) -> bool:
@@ -87,12 +100,15 @@ def _per_sample_ok(x: Tensor) -> bool:
 
 def choose(job: str, x: Tensor, groups: int, dy: Tensor | None = None) -> str:
     """The kernel path of ``job`` for activations ``x`` split into ``groups`` groups."""
-    forced = _settings["forced"].get(job)  # type: ignore[union-attr]
+    settings = _settings()
+    forced = settings["forced"].get(job)
     if forced is not None:
         return forced
-    cpu = bool(_settings["cpu_specific"]) and x.device.type == "cpu"
+    cpu = bool(settings["cpu_specific"]) and x.device.type == "cpu"
     if job == "moments":
-        if cpu and _per_sample_ok(x):
+        # Per sample on every contiguous CPU input: as fast as the native kernel at small sizes,
+        # faster at large ones, and its sums stay in range wherever the second moment's do.
+        if cpu and x.dim() > 2 and x.is_contiguous():
             return "per_sample"
         return "native" if groups == 1 else ("native_loop" if cpu else "grouped")
     if job == "second_moment":
@@ -138,10 +154,11 @@ def moments(x: Tensor, groups: int, path: str) -> tuple[Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         x3 = x.reshape(n, c, -1)
         mean = x3.mean(dim=-1, keepdim=True)
-        var = torch.linalg.vector_norm(x3 - mean, 2, dim=-1).square_().div_(x3.shape[-1])
+        # Scaled before squaring: the variance overflows only when it does not fit the dtype itself.
+        var = torch.linalg.vector_norm(x3 - mean, 2, dim=-1).mul_(x3.shape[-1] ** -0.5).square_()
         means, variances = mean.view(groups, n // groups, c), var.view(groups, n // groups, c)
         group_mean = means.mean(dim=1)
-        spread = (means - group_mean.unsqueeze(1)).square_().mean(dim=1)
+        spread = (means - group_mean.unsqueeze(1)).mul_((n // groups) ** -0.5).square_().sum(dim=1)
         return group_mean, variances.mean(dim=1) + spread
     if path == "grouped":
         var, mean = torch.var_mean(group_view(x, groups), dim=_group_dims(x.dim() + 1), correction=0)

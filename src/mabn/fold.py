@@ -24,7 +24,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import fx, nn
 
-from .conv import CENTRALIZED, CenLinear, _CenConv
+from .conv import CENTRALIZED, is_centralized
 from .convert import _finish, _retype, norm_dim, revert_model
 from .frozen import is_frozen_batch_norm, num_channels
 from .modules import StreamNorm
@@ -120,7 +120,7 @@ class _Tracer(fx.Tracer):
     """Keeps this package's layers as single calls, so they show up as modules in the graph."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (StreamNorm, _CenConv, CenLinear)) or is_frozen_batch_norm(m):
+        if isinstance(m, StreamNorm) or is_centralized(m) or is_frozen_batch_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -696,6 +696,7 @@ def stream_norm(
     key = id(state.running_var)
     replay = recompute.replayed(key)
     if replay is not None:  # the recomputation of a checkpointed segment: the original call's statistics
+        recompute.record(key, replay)  # for a segment checkpointed inside this one
         used, step = replay
         return _NormFunction.apply(input, weight, bias, used, state, config, step)
 

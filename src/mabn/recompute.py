@@ -16,35 +16,61 @@ running statistics are updated twice).
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 __all__ = ["checkpoint", "checkpoint_context"]
 
+# The open recording and replaying contexts, innermost last. Per thread: a checkpointed segment is
+# recomputed in the thread that runs its backward, and its layers run in that same thread.
+_local = threading.local()
+
+
+def _frames() -> list[_Frame]:
+    frames = getattr(_local, "frames", None)
+    if frames is None:
+        frames = _local.frames = []
+    return frames
+
 
 class _Store:
-    """What one checkpointed segment's layers used, in call order per layer."""
+    """What one checkpointed segment's layers used, in call order per layer; kept for every replay."""
 
     def __init__(self) -> None:
-        self.records: dict[int, deque[Any]] = {}
+        self.records: dict[int, list[Any]] = {}
 
 
-_stack: list[tuple[_Store, str]] = []
+class _Frame:
+    """One entered context: recording into ``store``, or replaying it from the start (``cursor``)."""
+
+    def __init__(self, store: _Store, replay: bool) -> None:
+        self.store, self.replay = store, replay
+        self.cursor: dict[int, int] = {}
 
 
-@contextlib.contextmanager
-def _use(store: _Store, mode: str) -> Iterator[None]:
-    _stack.append((store, mode))
-    try:
-        yield
-    finally:
-        _stack.pop()
+class _Context(contextlib.AbstractContextManager[None]):
+    """A context manager that may be entered any number of times (each recomputation of a segment
+    enters its replaying context once: a second backward pass through the same graph enters it again)."""
+
+    def __init__(self, store: _Store, replay: bool) -> None:
+        self._store, self._replay = store, replay
+        self._entered: list[_Frame] = []
+
+    def __enter__(self) -> None:
+        frame = _Frame(self._store, self._replay)
+        self._entered.append(frame)
+        _frames().append(frame)
+
+    def __exit__(self, *exc: object) -> None:
+        frame = self._entered.pop()
+        frames = _frames()
+        frames.remove(frame)
 
 
-def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def checkpoint_context() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
     """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
 
     Returns the pair (context of the original forward, context of the recomputation): the first
@@ -62,7 +88,7 @@ def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.
         1
     """
     store = _Store()
-    return _use(store, "record"), _use(store, "replay")
+    return _Context(store, replay=False), _Context(store, replay=True)
 
 
 def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -94,19 +120,33 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def record(key: int, value: Any) -> None:
-    """Keep what a layer used, when the original forward of a checkpointed segment is running."""
-    if _stack and _stack[-1][1] == "record":
-        _stack[-1][0].records.setdefault(key, deque()).append(value)
+    """Keep what a layer used (computed, or replayed) in every segment being recorded around this call.
+
+    Segments nest: a block checkpointed inside a checkpointed stage is called again while the stage
+    is recomputed, and its own recomputation later replays what that call used. So a value goes
+    to every recording context opened since the innermost replaying one, the outer ones included.
+    """
+    for frame in reversed(_frames()):
+        if frame.replay:
+            break
+        frame.store.records.setdefault(key, []).append(value)
 
 
 def replayed(key: int) -> Any:
-    """What the original forward used at this call of the layer, during a recomputation; else None."""
-    if not _stack or _stack[-1][1] != "replay":
+    """What the original forward used at this call of the layer, during a recomputation; else None.
+
+    The innermost replaying context answers; each of its entries (one per recomputation, so one
+    per backward pass) replays the records from the start.
+    """
+    frame = next((f for f in reversed(_frames()) if f.replay), None)
+    if frame is None:
         return None
-    queue = _stack[-1][0].records.get(key)
-    if not queue:
+    values = frame.store.records.get(key, [])
+    index = frame.cursor.get(key, 0)
+    if index >= len(values):
         raise RuntimeError(
             "a checkpointed segment's recomputation called a normalization layer more often than its "
             "original forward did (the segment's control flow must not change between the two runs)"
         )
-    return queue.popleft()
+    frame.cursor[key] = index + 1
+    return values[index]
