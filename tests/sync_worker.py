@@ -169,10 +169,29 @@ def _convert_model_syncs(rank: int, world: int) -> None:
     assert isinstance(bn[0], mabn.GhostBatchNorm2d) and bn[0].process_group is not None
 
 
+def _one_value_per_channel_is_an_error(rank: int, world: int) -> None:
+    """A centered group whose union over the ranks holds one value per channel raises on every rank,
+    as the same group in one process does, and leaves every buffer as it was."""
+    layer = mabn.GhostBatchNorm2d(3, process_group=dist.group.WORLD)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(1 if rank == 0 else 0, 3, 1, 1)  # one value per channel in the whole union
+    try:
+        layer(x)
+    except ValueError as exc:
+        assert "more than 1 value per channel" in str(exc) and "process group" in str(exc), exc
+    else:
+        raise AssertionError("no error for a union of one value per channel")
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # Two values over the ranks are enough, even though every rank alone has at most one.
+    layer(torch.randn(1 if rank < 2 else 0, 3, 1, 1))
+
+
 SCENARIOS = {
     "bn_equals_torch_batchnorm": _bn_equals_torch_batchnorm,
     "mabn_equals_one_process": _mabn_equals_one_process,
     "zero_sample_rank": _zero_sample_rank,
     "mismatch_is_an_error": _mismatch_is_an_error,
     "convert_model_syncs": _convert_model_syncs,
+    "one_value_per_channel_is_an_error": _one_value_per_channel_is_an_error,
 }

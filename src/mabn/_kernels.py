@@ -183,7 +183,8 @@ def second_moment(x: Tensor, groups: int, dtype: torch.dtype, path: str) -> Tens
         # Reducing along the contiguous spatial axis first is the fastest pass on the (N, C, *) layout
         # (several times faster than one strided reduction over samples and space).
         norms = torch.linalg.vector_norm(x.reshape(n, c, -1), 2, dim=-1, dtype=dtype)  # (N, C)
-        return norms.mul_(scale).square_().view(groups, n // groups, c).sum(dim=1)
+        squares = norms.mul_(scale).square_()
+        return squares if n == groups else squares.view(groups, n // groups, c).sum(dim=1)
     if path == "grouped":
         norms = torch.linalg.vector_norm(group_view(x, groups), 2, dim=_group_dims(x.dim() + 1), dtype=dtype)
         return norms.mul_(scale).square_()

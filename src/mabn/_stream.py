@@ -197,16 +197,13 @@ def _boundaries(values: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def _lookup(table: Tensor, boundaries: tuple[int, ...], calls: Tensor, steps: Tensor | None) -> Tensor:
-    """``table[phase, filled]`` with device-side indices (1-element tensors: a 0-dim index tensor would
-    be read on the host)."""
+    """``table[phase, filled]`` gathered on the device in one indexing operation (the indices are
+    1-element tensors: a 0-dim index tensor would be read on the host)."""
+    filled = None if steps is None else steps.clamp(max=table.shape[1] - 1).view(1)
     if not boundaries:
-        table = table[0]
-    else:
-        phase = torch.bucketize(calls, _boundaries(boundaries, calls.device), right=True)
-        table = table[phase.view(1)][0]
-    if steps is None:
-        return table[0]
-    return table[steps.clamp(max=table.shape[0] - 1).view(1)][0]
+        return table[0, 0] if filled is None else table[0][filled][0]
+    phase = torch.bucketize(calls, _boundaries(boundaries, calls.device), right=True).view(1)
+    return (table[phase, 0] if filled is None else table[phase, filled])[0]
 
 
 def forward_coefficients(
