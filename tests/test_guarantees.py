@@ -252,3 +252,28 @@ def test_beyond_the_range_of_a_path_the_call_is_rejected_never_stored_wrong(path
     expected, _ = naive.forward(x.double(), ones, zeros)
     assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
     assert_close(layer.running_var.double(), naive.running_var, rtol=1e-4, atol=0)
+
+
+# ---- threads --------------------------------------------------------------------------------------
+
+
+def test_kernel_settings_and_recomputation_contexts_belong_to_their_thread():
+    import threading
+
+    from mabn import _kernels, recompute
+
+    x = torch.randn(4, 3, 4, 4)
+    seen: dict[str, object] = {}
+    record, _ = mabn.checkpoint_context()
+
+    def other() -> None:
+        seen["path"] = _kernels.choose("grad_sums", x, 2, x)
+        seen["replay"] = recompute.replayed(12345)
+
+    with use_paths(grad_sums="grouped"), record:
+        assert _kernels.choose("grad_sums", x, 2, x) == "grouped"
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen["path"] == _kernels.choose("grad_sums", x, 2, x) != "grouped"
+    assert seen["replay"] is None

@@ -386,6 +386,8 @@ def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
         "frozen",
         "recalibrate",
         "models.segmentation",
+        "conv",
+        "_stream",
     ],
 )
 def test_docstring_examples_run(module):
