@@ -126,6 +126,8 @@ def test_the_dispatch_picks_each_path_where_it_should():
     assert choose("second_moment", cl, 2) == "native_loop"
     assert choose("grad_sums", big, 2, big) == "chunked" and choose("grad_sums", small, 2, small) == "native_loop"
     assert choose("grad_sums", small, 1, small) == "native" and choose("normalize", small, 2) == "grouped"
+    assert choose("grad_input", small, 1) == "fused" and choose("grad_input", small, 2) == "two_pass"
+    assert choose("grad_input", big, 1) == "two_pass" and choose("grad_input", cl, 1) == "fused"
     with use_paths(cpu_specific=False):
         assert choose("moments", big, 2) == "grouped" and choose("second_moment", cl, 2) == "grouped"
         assert choose("grad_sums", big, 2, big) == "grouped" and choose("moments", big, 1) == "native"
@@ -141,9 +143,11 @@ def test_the_dispatch_picks_each_path_where_it_should():
 PATH_SETS = {
     "default": {},
     "generic": dict(cpu_specific=False),
-    "per_sample+chunked": dict(moments="per_sample", grad_sums="chunked"),
+    "per_sample+chunked": dict(moments="per_sample", grad_sums="chunked", grad_input="two_pass"),
     "loops": dict(moments="native_loop", second_moment="native_loop", grad_sums="native_loop"),
-    "grouped": dict(moments="grouped", second_moment="grouped", grad_sums="grouped", normalize="grouped"),
+    "grouped": dict(
+        moments="grouped", second_moment="grouped", grad_sums="grouped", normalize="grouped", grad_input="two_pass"
+    ),
 }
 
 

@@ -187,8 +187,8 @@ class _Used(NamedTuple):
 
 
 def _all_finite(t: Tensor) -> Tensor:
-    """0-dim bool: no inf or NaN in ``t`` (the largest magnitude is finite; NaN propagates)."""
-    return torch.linalg.vector_norm(t, math.inf) < math.inf
+    """0-dim bool: no inf or NaN in ``t`` (the largest magnitude is finite; NaN propagates through max)."""
+    return t.abs().max() < math.inf
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -230,7 +230,7 @@ class _NormFunction(torch.autograd.Function):
         gr = _times(gamma, r)  # (C,) or (G, C): dL/dz = gr * dL/dy, z the normalized input
         ctx.save_for_backward(x, weight, gr, *used)
         ctx.state, ctx.config, ctx.step, ctx.first_backward = state, config, step, None
-        if step.num_groups == 1 and _native_ok(x, var.dtype):
+        if _kernels.choose("normalize", x, step.num_groups) == "native" and _native_ok(x, var.dtype):
             # The native inference kernel: (x - mean) / sqrt(var_eps) * w + b in one pass on every
             # layout, into a fresh tensor in the input's memory format.
             w = gr[0] if gr is not None and gr.dim() == 2 else gr
@@ -314,7 +314,13 @@ def _stream_backward(
     """dx from this call's (g, Psi) or their moving averages; returns dx and the local sums."""
     config, step = ctx.config, ctx.step
     groups = step.num_groups
-    fused = groups == 1 and ctx.needs_input_grad[0] and x.numel() > 0 and x.dtype == var.dtype == dy.dtype
+    fused = (
+        groups == 1
+        and ctx.needs_input_grad[0]
+        and x.numel() > 0
+        and x.dtype == var.dtype == dy.dtype
+        and _kernels.choose("grad_input", x, groups) == "fused"
+    )
     center = mean if config.centered else None
     partial, (sum_dy, sum_dy_xhat) = _gradient_sums(dy, x, gr, var, mean, center, step, fused)
     local = (sum_dy, sum_dy_xhat)
@@ -359,7 +365,7 @@ def _gradient_sums(
     if x.numel() == 0:
         zeros = torch.zeros(groups, x.shape[1], dtype=var_eps.dtype, device=var_eps.device)
         return None, (zeros, zeros.clone())
-    if fused and _kernels.choose("grad_sums", x, groups, dy) == "native":
+    if fused:
         w = gr[0] if gr is not None and gr.dim() == 2 else gr
         partial, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, w, mean[0], var_eps[0], None, None, False, 0.0, [True, True, True]
@@ -424,11 +430,11 @@ def _advance_backward_stream(ctx: Any, stats: Tensor) -> Tensor:
     seq = torch.cat([window.view(m * k, c).to(stats.dtype), entries.reshape(g * k, c)])
     used = torch.mm(coefficients, seq)
     finite = _all_finite(used)
-    with torch.no_grad():
-        new_window = seq[g * k :].view(m, k, c)
-        torch.where(finite, new_window.to(window.dtype), window, out=window)
-        counted = finite if step.last_call is None else finite & step.last_call
-        _increment([(steps, finite, g), (calls, counted, 1)])
+    # (The backward runs without gradient recording: in-place updates need no guard.)
+    new_window = seq[g * k :].view(m, k, c)
+    torch.where(finite, new_window.to(window.dtype), window, out=window)
+    counted = finite if step.last_call is None else finite & step.last_call
+    _increment([(steps, finite, g), (calls, counted, 1)])
     # The window's version counter tells a second backward whether anything changed it since.
     ctx.first_backward = (coefficients, finite, window._version)
     return used
@@ -446,8 +452,7 @@ def _repeat_backward(ctx: Any, entries: Tensor, stats: Tensor) -> Tensor:
     j = min(m, g)
     addition = torch.zeros_like(window)
     addition[m - j :] = entries[g - j :].to(window.dtype)
-    with torch.no_grad():
-        window.add_(torch.where(pushed & _all_finite(stats), addition, 0.0))
+    window.add_(torch.where(pushed & _all_finite(stats), addition, 0.0))
     ctx.first_backward = (coefficients, pushed, window._version)
     return used
 
@@ -504,9 +509,11 @@ class _ForwardStep(NamedTuple):
     increments: list[tuple[Tensor, Tensor, int]]  # (counter, condition, amount)
 
 
-@torch.no_grad()
 def _forward_statistics(x: Tensor, state: NormState, config: NormConfig, step: _Step) -> _ForwardStep:
-    """Every statistic of a training call from one matrix product, and the buffer updates it makes."""
+    """Every statistic of a training call from one matrix product, and the buffer updates it makes.
+
+    ``x`` is detached and the buffers need no gradient, so nothing here is recorded by autograd.
+    """
     groups, c, k = step.num_groups, x.shape[1], config.num_forward_stats
     dtype = stat_dtype(x.dtype)
     if dtype != state.running_var.dtype:
@@ -721,7 +728,6 @@ def stream_norm(
     return output
 
 
-@torch.no_grad()
 def _commit(forward: _ForwardStep) -> None:
     for buffer, value, condition in forward.updates:
         if value.dtype != buffer.dtype:
