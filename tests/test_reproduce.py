@@ -203,7 +203,8 @@ def test_rows_adds_a_row_to_a_recorded_grid_and_report_only_rebuilds(tmp_path, c
     new = json.loads((out / "bn-b2-wc" / "seed0" / "result.json").read_text())
     assert float(rows[6]["miou"]) == pytest.approx(new["miou"], abs=0.005)
     md = (results / "segmentation.md").read_text()
-    assert "| BN(2)+WC | bn | 2 | yes | 1 |" in md and '--rows "BN(2)+WC"' in md.replace("'", '"')
+    assert "| BN(2)+WC | bn | 2 | yes | 1 |" in md
+    assert f"    {command}\n    mabn reproduce segmentation" in md and "--rows 'BN(2)+WC'" in md
     (results / "segmentation.md").unlink()
     assert cli.main(["reproduce", "segmentation", "--report-only", "--seeds", "1", "--out", str(out),
                      "--results-dir", str(results)]) == 0  # fmt: skip

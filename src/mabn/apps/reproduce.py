@@ -320,8 +320,14 @@ def _recorded_command(report: Path, fallback: str) -> str:
     if report.is_file():
         lines = report.read_text().splitlines()
         for i, line in enumerate(lines[:-2]):
-            if line == "Produced by:" and lines[i + 2].startswith("    mabn reproduce"):
-                return lines[i + 2].strip()
+            if line == "Produced by:":
+                commands = []
+                for text in lines[i + 2 :]:
+                    if not text.startswith("    mabn reproduce"):
+                        break
+                    commands.append(text.strip())
+                if commands:
+                    return "\n    ".join(commands)
     return fallback
 
 
@@ -357,6 +363,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{run_.label:24s} seed {seed}  ->  {run_.config(base, seed, out)['out']}")
         return 0
     command = _command(args, seeds, base["epochs"], out)
+    if chosen:
+        # The report names how the rest of the grid was made, then the rows added now.
+        grid_command = _recorded_command(results_dir / f"{args.grid}.md", "")
+        command = f"{grid_command}\n    {command}" if grid_command and grid_command != command else command
     t0 = time.perf_counter()
     if args.report_only:
         rows = collect(args.grid, seeds, out, results_dir)
