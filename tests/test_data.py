@@ -143,3 +143,16 @@ def test_fashion_mnist_source():
     assert x.shape == (100, 1, 28, 28) and y.dtype == torch.int64
     # Normalized with the training statistics: roughly zero mean, unit spread.
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+
+
+def test_data_modules_import_in_one_direction():
+    import subprocess
+    import sys
+
+    # data <- scenes <- detection <- sources: no module imports one that imports it back.
+    code = (
+        "import sys; import mabn.apps.data; assert 'mabn.apps.scenes' not in sys.modules; "
+        "import mabn.apps.scenes; assert 'mabn.apps.sources' not in sys.modules and 'mabn.apps.detection' not in sys.modules; "
+        "import mabn.apps.detection; assert 'mabn.apps.sources' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -416,3 +416,12 @@ def test_synced_detector_under_torchrun_keeps_every_buffer_identical(fashion_mni
     assert rank0 == (out / "params-rank1.sha256").read_text().split()  # heads' per-level norms synced too
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["box_ap"] == result["box_ap_folded"]
+
+
+@pytest.mark.parametrize("module", ["mabn.models.fpn", "mabn.models.detection", "mabn.apps.detection", "mabn.apps.scenes"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -342,8 +342,8 @@ def foreground_areas(items: Tensor, present: Tensor, sides: Tensor, threshold: f
 
         >>> item = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
         >>> item[0, 0, :14] = 255
-        >>> foreground_areas(item, torch.tensor([[True]]), torch.tensor([[56]])).tolist()
-        [[1568]]
+        >>> foreground_areas(item, torch.tensor([[True]]), torch.tensor([[28]])).tolist()
+        [[392]]
     """
     cut = math.floor(threshold)
     areas = torch.zeros(present.shape, dtype=torch.long)
