@@ -109,8 +109,9 @@ def _protocol_line(base: dict[str, Any], rows: list[dict[str, Any]], spec: GridS
     data = base["data"]
     if spec.metric == "box_ap":
         data += f" ({base.get('image_size')} px scenes, {base.get('limit_train') or 'all'} for training)"
+        tests = f"{base['limit_test']:,}" if base.get("limit_test") else "1,000"
         measure = (
-            "COCO box AP (IoU 0.50:0.95), AP50 and AP75 in percent on the 1,000 test scenes, by pycocotools' "
+            f"COCO box AP (IoU 0.50:0.95), AP50 and AP75 in percent on the {tests} test scenes, by pycocotools' "
             "COCOeval (items less than 25 % visible are ignored regions)"
         )
     elif spec.metric == "miou":
