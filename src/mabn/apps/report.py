@@ -340,7 +340,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> 
 def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], seed: int = 0, n: int = 6) -> Path | None:
     """Test scenes, their ground truth and the predictions of the grid's ``figure_rows`` (seed ``seed``).
 
-    Segmentation grids draw label maps, the detection grid boxes (detections scoring 0.3 or more).
+    Segmentation grids draw label maps, the detection grid boxes (detections scoring 0.5 or more).
     Rows whose run has not finished are left out; returns None when none has.
     """
     import torch
@@ -368,6 +368,6 @@ def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], see
     if source.task == "detection":
         truth, ignored = ground_truth_rows(source, n)
         rows = {"ground truth": truth, **predictions}
-        title = title.replace("predictions", "detections scoring 0.3 or more; dashed: ignored regions")
-        return plot_detections(source.test_images[:n], rows, path, ignored=ignored, title=title)
+        title = title.replace("predictions", "detections scoring 0.5 or more; dashed: ignored regions")
+        return plot_detections(source.test_images[:n], rows, path, score_min=0.5, ignored=ignored, title=title)
     return plot_scenes((source.test_images[:n], targets), path, n=n, predictions=predictions, title=title)
