@@ -315,6 +315,26 @@ def pretrain_config(args: argparse.Namespace, out: Path) -> dict[str, Any] | Non
     return config
 
 
+#: The configuration keys a report describes the protocol by.
+_PROTOCOL_KEYS = ("data", "task", "arch", "depth", "width", "image_size", "limit_train", "limit_test", "batch_size",
+                  "epochs", "lr", "schedule", "warmup_epochs", "weight_decay")  # fmt: skip
+
+
+def protocol_of_runs(grid: str, seeds: int, out: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the protocol the finished runs in ``out`` were trained under (their configuration).
+
+    ``--report-only`` describes the runs that are there, whatever options it is given. The first
+    finished single-process run counts (a multi-process row splits the batch).
+    """
+    for seed in range(seeds):
+        for run in grid_runs(grid):
+            path = out / run.slug / f"seed{seed}" / trainer.RESULT
+            if run.processes == 1 and path.is_file():
+                config = json.loads(path.read_text()).get("config", {})
+                return {**base, **{k: config[k] for k in _PROTOCOL_KEYS if k in config}}
+    return base
+
+
 def _recorded_command(report: Path, fallback: str) -> str:
     """The command an existing report says produced it (a rebuilt report keeps naming the grid's command)."""
     if report.is_file():
@@ -372,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         rows = collect(args.grid, seeds, out, results_dir)
         if not rows:
             raise ValueError(f"--report-only: no finished run of {args.grid} in {out} nor in {results_dir}")
+        base = protocol_of_runs(args.grid, seeds, out, base)
         write_summary(args.grid, rows, results_dir, base, _recorded_command(results_dir / f"{args.grid}.md", command))
     else:
         pretrain = pretrain_config(args, out)
