@@ -418,7 +418,9 @@ def test_synced_detector_under_torchrun_keeps_every_buffer_identical(fashion_mni
     assert result["world_size"] == 2 and result["box_ap"] == result["box_ap_folded"]
 
 
-@pytest.mark.parametrize("module", ["mabn.models.fpn", "mabn.models.detection", "mabn.apps.detection", "mabn.apps.scenes"])
+@pytest.mark.parametrize(
+    "module", ["mabn.models.fpn", "mabn.models.detection", "mabn.apps.detection", "mabn.apps.scenes"]
+)
 def test_docstring_examples_run(module):
     import doctest
     import importlib
