@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mabn.apps import data
+from mabn.apps import data, sources
 
 
 def _gen(seed=0):
@@ -65,15 +65,15 @@ def test_synthetic_source_is_seeded_and_batches():
 
 def test_make_source_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown data source 'mnist'"):
-        data.make_source("mnist")
+        sources.make_source("mnist")
     with pytest.raises(ValueError, match="needs --data-dir"):
-        data.make_source("imagefolder")
+        sources.make_source("imagefolder")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.make_source("imagefolder", tmp_path / "nope")
+        sources.make_source("imagefolder", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        data.make_source("fashion-mnist", tmp_path / "nope")
+        sources.make_source("fashion-mnist", tmp_path / "nope")
     with pytest.raises(ValueError, match="limit_train must be >= 1"):
-        data.make_source("synthetic", limit_train=0)
+        sources.make_source("synthetic", limit_train=0)
 
 
 def _image_tree(root, sizes=((40, 30), (25, 50), (33, 33))):
@@ -94,7 +94,7 @@ def _image_tree(root, sizes=((40, 30), (25, 50), (33, 33))):
 
 def test_imagefolder_source(tmp_path):
     _image_tree(tmp_path)
-    source = data.make_source("imagefolder", tmp_path, image_size=16)
+    source = sources.make_source("imagefolder", tmp_path, image_size=16)
     assert source.classes == ["cat", "dog"] and source.num_classes == 2 and source.in_channels == 3
     assert source.num_train == 6 and source.num_test == 6
     batches = torch.tensor([[0, 3, 5], [1, 2, 4]])
@@ -142,3 +142,16 @@ def test_fashion_mnist_source(fashion_mnist_dir):
     assert x.shape == (100, 1, 28, 28) and y.dtype == torch.int64
     # Normalized with the training statistics: roughly zero mean, unit spread.
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+
+
+def test_data_modules_import_in_one_direction():
+    import subprocess
+    import sys
+
+    # data <- scenes <- detection <- sources: no module imports one that imports it back.
+    code = (
+        "import sys; import mabn.apps.data; assert 'mabn.apps.scenes' not in sys.modules; "
+        "import mabn.apps.scenes; assert 'mabn.apps.sources' not in sys.modules and 'mabn.apps.detection' not in sys.modules; "
+        "import mabn.apps.detection; assert 'mabn.apps.sources' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,6 +7,7 @@ import pytest
 
 from mabn.apps import cli, reproduce
 from mabn.apps import train as trainer
+from mabn.apps.grids import DETECTION_HEAD_WARMUP
 
 TINY = ["--data", "synthetic", "--limit-train", "96", "--limit-test", "64", "--width", "4", "--epochs", "1",
         "--threads", "1", "--no-progress"]  # fmt: skip
@@ -35,7 +36,7 @@ def test_grids_follow_the_protocol(tmp_path):
     assert reproduce.GRID_SPECS["table1"].protocol["batch_size"] == 32
     seg = reproduce.GRIDS["segmentation"]
     assert [r.label for r in seg] == [
-        "BN(16)", "BN(2)", "BRN(2)", "GN", "MABN(2)", "BN(16)+WC", "SyncBN(16) x2 processes"]  # fmt: skip
+        "BN(16)", "BN(2)", "BRN(2)", "GN", "MABN(2)", "BN(16)+WC", "BN(2)+WC", "SyncBN(16) x2 processes"]  # fmt: skip
     synced = seg[-1].config({**trainer.DEFAULTS, **reproduce.GRID_SPECS["segmentation"].protocol}, 0, tmp_path)
     assert synced["sync_norm"] and synced["batch_size"] == 8 and synced["norm_batch_size"] is None
     mabn2 = next(r for r in reproduce.GRIDS["table1"] if r.norm == "mabn")
@@ -143,7 +144,7 @@ def test_segmentation_grid_runs_its_torchrun_row(tmp_path, capsys, fashion_mnist
     assert result["world_size"] == 2 and result["config"]["sync_norm"] and 0 <= result["miou"] <= 100
     with open(results / "segmentation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 7 and all(r["miou"] and not r["error"] for r in rows)
+    assert len(rows) == 8 and all(r["miou"] and not r["error"] for r in rows)
     assert (results / "segmentation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "syncbn-b16-p2").glob("*.json"))  # the launch file is gone
 
@@ -164,3 +165,79 @@ def test_finetune_grid_pretrains_once_then_fine_tunes(tmp_path, capsys, fashion_
     assert gn["train"]["init"] is None
     md = (tmp_path / "finetune.md").read_text()
     assert "| MABN(2) function | mabn | 2 | no | 1 |" in md and "Δ vs BN(16) ceiling" in md
+
+
+TINY_DENSE = ["--seeds", "1", "--epochs", "1", "--limit-train", "32", "--limit-test", "8", "--width", "8",
+              "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_rows_adds_a_row_to_a_recorded_grid_and_report_only_rebuilds(tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    base = {**trainer.DEFAULTS, **reproduce.GRID_SPECS["segmentation"].protocol}
+    recorded = [
+        {"grid": "segmentation", "method": r.method, "label": r.label, "norm": r.norm, "norm_batch_size": r.norm_batch_size,
+         "wc": r.wc, "processes": r.processes, "seed": 0, "epochs": 3, "miou": 20.0 + i, "miou_folded": 20.0 + i,
+         "pixel_acc": 90.0, "diverged": False, "wall_time_s": 400.0, "train_time_per_epoch_s": 130.0}
+        for i, r in enumerate(reproduce.GRIDS["segmentation"]) if r.label != "BN(2)+WC"
+    ]  # fmt: skip
+    command = "mabn reproduce segmentation --seeds 1 --epochs 3 --out runs/segmentation"
+    reproduce.write_summary("segmentation", recorded, results, base, command)
+    argv = [
+        "reproduce",
+        "segmentation",
+        "--rows",
+        "BN(2)+WC",
+        *TINY_DENSE,
+        "--out",
+        str(out),
+        "--results-dir",
+        str(results),
+    ]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert [p.name for p in out.iterdir()] == ["bn-b2-wc"]  # only the asked row was trained
+    with open(results / "segmentation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == [r.label for r in reproduce.GRIDS["segmentation"]]
+    assert [float(r["miou"]) for r in rows if r["label"] != "BN(2)+WC"] == [r["miou"] for r in recorded]
+    new = json.loads((out / "bn-b2-wc" / "seed0" / "result.json").read_text())
+    assert float(rows[6]["miou"]) == pytest.approx(new["miou"], abs=0.005)
+    md = (results / "segmentation.md").read_text()
+    assert "| BN(2)+WC | bn | 2 | yes | 1 |" in md
+    assert f"    {command}\n    mabn reproduce segmentation" in md and "--rows 'BN(2)+WC'" in md
+    (results / "segmentation.md").unlink()
+    assert cli.main(["reproduce", "segmentation", "--report-only", "--seeds", "1", "--out", str(out),
+                     "--results-dir", str(results)]) == 0  # fmt: skip
+    assert (results / "segmentation.md").read_text() != "" and len(
+        list(csv.DictReader(open(results / "segmentation.csv")))
+    ) == 8
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "segmentation", "--rows"])
+    assert cli.main(["reproduce", "segmentation", "--rows", "BN(3)", "--out", str(out)]) == 2
+    assert "BN(3) not a row of segmentation" in capsys.readouterr().err
+    assert cli.main(["reproduce", "quick", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert "no finished run of quick" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_detection_grid_reports_box_ap_and_draws_detections(fashion_mnist_dir, tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["reproduce", "detection", "--rows", "BN(16),GN,MABN(2)", *TINY_DENSE, "--jobs", "2", "--out", str(out),
+            "--results-dir", str(results)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "box AP %" in printed and "| AP50 % | AP75 % |" in printed and "Δ vs GN" in printed
+    mabn_run = json.loads((out / "mabn-b2-wc" / "seed0" / "config.json").read_text())
+    assert mabn_run["model_config"]["head_warmup_iters"] == DETECTION_HEAD_WARMUP
+    with open(results / "detection.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["BN(16)", "GN", "MABN(2)"] and all(r["box_ap"] != "" for r in rows)
+    assert all(r["box_ap"] == r["box_ap_folded"] for r in rows)
+    for name in ("detection.md", "detection.png", "detection_predictions.png"):
+        assert (results / name).stat().st_size > 0
+    before = (results / "detection.md").read_text()
+    (results / "detection_predictions.png").unlink()
+    assert cli.main(["reproduce", "detection", "--report-only", "--seeds", "1", "--out", str(out),
+                     "--results-dir", str(results)]) == 0  # fmt: skip
+    assert (results / "detection.md").read_text() == before and (results / "detection_predictions.png").exists()

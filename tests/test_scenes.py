@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mabn.apps import data, scenes
+from mabn.apps import data, scenes, sources
 
 
 @pytest.fixture(scope="module")
@@ -311,14 +311,14 @@ def test_segmentation_tensor_source_on_user_tensors():
 
 
 def test_make_source_fashion_scenes(fashion_mnist_dir):
-    assert "fashion-scenes" in data.DATA_SOURCES
+    assert "fashion-scenes" in sources.DATA_SOURCES
     assert data.DataSource.task == "classification" and data.synthetic_source(8, 8).task == "classification"
-    made = data.make_source("fashion-scenes", limit_train=8, limit_test=4, image_size=64)
+    made = sources.make_source("fashion-scenes", limit_train=8, limit_test=4, image_size=64)
     assert isinstance(made, scenes.SceneSource) and made.task == "segmentation"
     assert (made.num_train, made.num_test, made.canvas) == (8, 4, 64)
     assert made.train_images.shape == (8, 1, 64, 64)
     with pytest.raises(ValueError, match="canvas 40 is smaller"):
-        data.make_source("fashion-scenes", limit_train=8, limit_test=4, image_size=40)
+        sources.make_source("fashion-scenes", limit_train=8, limit_test=4, image_size=40)
     with pytest.raises(ValueError, match="num_train must be >= 1, got 0"):
         scenes.SceneSource(num_train=0)
 

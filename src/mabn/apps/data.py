@@ -1,7 +1,9 @@
 """Data sources: Fashion-MNIST (Debian's ``dataset-fashion-mnist`` idx files), ImageFolder trees, synthetic data.
 
-``make_source(name, ...)`` opens one of :data:`DATA_SOURCES` as a :class:`DataSource`: a training
-split read as augmented batches for given sample indices, and a test split read in order.
+A :class:`DataSource` has a training split read as augmented batches for given sample indices and
+a test split read in order. The scene data sets built on these (:mod:`mabn.apps.scenes`,
+:mod:`mabn.apps.detection`) import this module; :func:`mabn.apps.sources.make_source` opens any
+source by name.
 """
 
 from __future__ import annotations
@@ -73,15 +75,6 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 # --------------------------------------------------------------------------------------------------
 # Training data sources: in-memory image tensors (Fashion-MNIST, synthetic) and ImageFolder trees.
 # --------------------------------------------------------------------------------------------------
-
-#: Data sources known to ``mabn train`` and the task each is for.
-DATA_TASKS = {
-    "fashion-mnist": "classification",
-    "imagefolder": "classification",
-    "synthetic": "classification",
-    "fashion-scenes": "segmentation",
-}
-DATA_SOURCES = tuple(DATA_TASKS)
 
 #: Mean and standard deviation of the Fashion-MNIST training pixels (scaled to [0, 1]).
 FASHION_MNIST_MEAN = (0.2860,)
@@ -501,51 +494,3 @@ class _TestItems(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.source.load_test(index)
-
-
-def make_source(
-    source: str,
-    data_dir: str | os.PathLike | None = None,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
-    image_size: int = 224,
-    seed: int = 0,
-) -> DataSource:
-    """Open a data source of :data:`DATA_SOURCES` by name.
-
-    Args:
-        source: ``"fashion-mnist"``, ``"imagefolder"`` (needs ``data_dir``), ``"synthetic"`` or ``"fashion-scenes"``.
-        data_dir: directory of the data (Fashion-MNIST default: the Debian package's directory).
-        limit_train, limit_test: keep only that many samples of each split.
-        image_size: model input side for ``"imagefolder"``, the canvas side for ``"fashion-scenes"``.
-        seed: seed of the ``"synthetic"`` data.
-
-    Raises:
-        ValueError: unknown source or bad limits.
-        FileNotFoundError: missing data.
-
-    Example::
-
-        >>> make_source("synthetic", limit_train=64).num_train
-        64
-    """
-    for name, value in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if source == "fashion-mnist":
-        return fashion_mnist_source(data_dir, limit_train, limit_test)
-    if source == "imagefolder":
-        if data_dir is None:
-            raise ValueError("--data imagefolder needs --data-dir DIR (a directory with train/ and val/)")
-        return ImageFolderSource(data_dir, image_size, limit_train, limit_test)
-    if source == "synthetic":
-        return synthetic_source(
-            num_train=limit_train if limit_train is not None else 512,
-            num_test=limit_test if limit_test is not None else 256,
-            seed=seed,
-        )
-    if source == "fashion-scenes":
-        from .scenes import fashion_scenes_source  # scenes imports this module
-
-        return fashion_scenes_source(data_dir, limit_train, limit_test, canvas=image_size)
-    raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(DATA_SOURCES)}")

@@ -29,24 +29,33 @@ CSV_COLUMNS = [
     "miou",
     "miou_folded",
     "pixel_acc",
+    "box_ap",
+    "box_ap_folded",
+    "box_ap50",
+    "box_ap75",
     "diverged",
     "wall_time_s",
     "train_time_per_epoch_s",
 ]
 
-_METRIC_NAMES = {"error": "error %", "miou": "mIoU %"}
+_METRIC_NAMES = {"error": "error %", "miou": "mIoU %", "box_ap": "box AP %", "box_ap50": "AP50 %", "box_ap75": "AP75 %"}
+# Where a metric is a point of, in sentences.
+_UNITS = {"error": "error", "miou": "mIoU", "box_ap": "box AP"}
 
 
 def _spec(grid: str) -> GridSpec:
     return GRID_SPECS.get(grid, GridSpec({}))
 
 
-def summarize(rows: list[dict[str, Any]], metric: str = "error", baseline: str = "BN(32)") -> list[dict[str, Any]]:
+def summarize(
+    rows: list[dict[str, Any]], metric: str = "error", baseline: str = "BN(32)", extra: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Group the runs by row label: seeds, mean and sample std of ``metric``, difference to ``baseline``.
 
     Returns one dict per row in first-seen order with ``n``, ``mean``, ``std`` (None for one seed),
     ``folded`` (mean of the folded model's metric or None), ``delta`` (mean minus the baseline's
-    mean, None without a baseline), ``diverged`` (runs that diverged) and ``time`` (mean wall time).
+    mean, None without a baseline), ``diverged`` (runs that diverged), ``time`` (mean wall time)
+    and ``extra`` (the mean of each metric of ``extra``, None where no run has it).
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -76,9 +85,15 @@ def summarize(rows: list[dict[str, Any]], metric: str = "error", baseline: str =
                 "diverged": sum(str(m["diverged"]) in ("True", "1") for m in members),
                 "time": statistics.fmean(times) if times else None,
                 "epoch_time": statistics.fmean(epoch_times) if epoch_times else None,
+                "extra": {key: _mean(members, key) for key in extra},
             }
         )
     return summary
+
+
+def _mean(members: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(m[key]) for m in members if m.get(key) not in (None, "")]
+    return statistics.fmean(values) if values else None
 
 
 def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -92,7 +107,14 @@ def _protocol_line(base: dict[str, Any], rows: list[dict[str, Any]], spec: GridS
     epochs = rows[0]["epochs"] if rows else base["epochs"]
     model = f"{base['arch']} (depth {base.get('depth')}, width {base.get('width')})"
     data = base["data"]
-    if spec.metric == "miou":
+    if spec.metric == "box_ap":
+        data += f" ({base.get('image_size')} px scenes, {base.get('limit_train') or 'all'} for training)"
+        tests = f"{base['limit_test']:,}" if base.get("limit_test") else "1,000"
+        measure = (
+            f"COCO box AP (IoU 0.50:0.95), AP50 and AP75 in percent on the {tests} test scenes, by pycocotools' "
+            "COCOeval (items less than 25 % visible are ignored regions)"
+        )
+    elif spec.metric == "miou":
         data += f" ({base.get('image_size')} px scenes, {base.get('limit_train') or 'all'} for training)"
         measure = "Mean IoU over the 11 classes (background included) in percent on the test scenes"
     else:
@@ -111,8 +133,8 @@ def _protocol_line(base: dict[str, Any], rows: list[dict[str, Any]], spec: GridS
 def markdown(grid: str, rows: list[dict[str, Any]], base: dict[str, Any], command: str = "") -> str:
     """The ``<grid>.md`` report: protocol, table of mean ± std per row, and for table1 the paper's targets."""
     spec = _spec(grid)
-    summary = summarize(rows, spec.metric, spec.baseline)
-    what = "top-1 test error" if spec.metric == "error" else "test mean IoU"
+    summary = summarize(rows, spec.metric, spec.baseline, spec.extra_metrics)
+    what = {"error": "top-1 test error", "miou": "test mean IoU", "box_ap": "test COCO box AP"}[spec.metric]
     lines = [f"# {grid}: {what} on {base['data']}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
@@ -132,14 +154,19 @@ def markdown(grid: str, rows: list[dict[str, Any]], base: dict[str, Any], comman
     )
     if grid == "ablation":
         header = header.replace("| method |", "| row | method |")
-    elif spec.metric == "miou":
+    elif spec.metric != "error":
         header = header.replace("| method |", "| row |").replace("| norm batch | WC |", "| norm | norm batch | WC |")
+        extra = "".join(f" {_METRIC_NAMES[key]} |" for key in spec.extra_metrics)
+        header = header.replace(f" folded {name} |", f"{extra} folded {name} |")
+        if spec.metric == "box_ap":  # the paper compares with GroupNorm too: a column of its own
+            header = header.replace(f"| Δ vs {spec.baseline} |", f"| Δ vs {spec.baseline} | Δ vs GN |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    gn = next((s for s in summary if s["norm"] == "gn"), None)
     for s in summary:
-        lines.append("| " + " | ".join(_cells(grid, spec, s)) + " |")
+        lines.append("| " + " | ".join(_cells(grid, spec, s, gn)) + " |")
     if grid in ("table1", "quick"):
         lines += ["", *_targets(summary)]
-    if spec.metric == "miou":
+    if spec.metric != "error":
         lines += ["", *_comparisons(summary, spec), "", f"![{name} per row]({grid}.png)"]
         if spec.figure_rows:
             lines += ["", f"![test scenes, ground truth and predictions]({grid}_predictions.png)"]
@@ -154,7 +181,7 @@ def _comparisons(summary: list[dict[str, Any]], spec: GridSpec) -> list[str]:
         return ["Comparisons: the baseline row has not finished yet."]
     spreads = [s["std"] for s in summary if s["std"] is not None]
     spread = f"; the largest seed spread (std) is {max(spreads):.2f}" if spreads else "; one seed: no spread yet"
-    out = [f"Differences of the means (points of mIoU){spread}:", ""]
+    out = [f"Differences of the means (points of {_UNITS[spec.metric]}){spread}:", ""]
     gn = next((s for s in summary if s["norm"] == "gn"), None)
     for s in summary:
         if s is base:
@@ -163,20 +190,30 @@ def _comparisons(summary: list[dict[str, Any]], spec: GridSpec) -> list[str]:
         if gn is not None and s is not gn:
             line += f"; − {gn['label']} = {s['mean'] - gn['mean']:+.2f}"
         out.append(line)
+    if spreads and spec.metric == "box_ap":
+        # What the run length buys: which gaps the seeds resolve.
+        big = [s["label"] for s in summary if s is not base and abs(s["mean"] - base["mean"]) > 2 * max(spreads)]
+        out += [
+            "",
+            f"Gaps to {spec.baseline} larger than twice the largest seed spread: {', '.join(big) if big else 'none'}.",
+        ]
     return out
 
 
-def _cells(grid: str, spec: GridSpec, s: dict[str, Any]) -> list[str]:
+def _cells(grid: str, spec: GridSpec, s: dict[str, Any], gn: dict[str, Any] | None = None) -> list[str]:
     value = _fmt(s["mean"]) + (f" ± {_fmt(s['std'])}" if s["std"] is not None else "")
     if s["diverged"]:
         value += f" (diverged in {s['diverged']}/{s['n']})"
     size = str(s["norm_batch_size"]) if s["norm_batch_size"] not in ("", None) else "per sample"
     cells = [s["label"].split("(")[0].removesuffix("+WC"), size, "yes" if str(s["wc"]) in ("True", "1") else "no"]
-    cells += [str(s["n"]), value, _fmt(s["folded"]), _fmt(s["delta"], sign=True)]
+    cells += [str(s["n"]), value, *(_fmt(s["extra"].get(k)) for k in spec.extra_metrics)]
+    cells += [_fmt(s["folded"]), _fmt(s["delta"], sign=True)]
+    if spec.metric == "box_ap":
+        cells.append(_fmt(s["mean"] - gn["mean"], sign=True) if gn is not None else "–")
     cells += [_fmt(s["epoch_time"], 0), _fmt(s["time"], 0)]
     if grid == "ablation":
         cells.insert(0, ABLATION_ROWS.get(s["norm"], s["norm"]))
-    elif spec.metric == "miou":
+    elif spec.metric != "error":
         cells[0] = s["label"]
         cells.insert(1, s["norm"])
     return cells
@@ -224,7 +261,7 @@ def write_summary(
     atomic_write(paths[1], lambda f: f.write(markdown(grid, rows, base, command).encode()))
     if grid == "batch-sweep":
         paths.append(plot_sweep(rows, results_dir / f"{grid}.png", base))
-    elif _spec(grid).metric == "miou":
+    elif _spec(grid).metric != "error":
         paths.append(plot_rows(grid, rows, results_dir / f"{grid}.png", base))
     return paths
 
@@ -303,13 +340,15 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> 
 def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], seed: int = 0, n: int = 6) -> Path | None:
     """Test scenes, their ground truth and the predictions of the grid's ``figure_rows`` (seed ``seed``).
 
+    Segmentation grids draw label maps, the detection grid boxes (detections scoring 0.5 or more).
     Rows whose run has not finished are left out; returns None when none has.
     """
     import torch
 
     from ..serialization import load_checkpoint, model_from_checkpoint
-    from .data import make_source
+    from .detection import ground_truth_rows, plot_detections
     from .scenes import plot_scenes
+    from .sources import make_source
 
     runs = {r.label: r for r in grid_runs(grid)}
     done = [
@@ -317,12 +356,18 @@ def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], see
     ]
     if not done:
         return None
-    source = make_source(base["data"], base.get("data_dir"), 1, n, base.get("image_size") or 96)
-    x, masks = next(source.test_batches(n))
+    size = base.get("image_size") or 96
+    source = make_source(base["data"], base.get("data_dir"), 1, n, size, task=base.get("task"))
+    x, targets = next(source.test_batches(n))
     predictions = {}
     for label in done:
         model = model_from_checkpoint(load_checkpoint(out / runs[label].slug / f"seed{seed}" / "checkpoint.pt"))
         with torch.no_grad():
-            predictions[label] = model(x).argmax(1)
+            predictions[label] = model(list(x)) if source.task == "detection" else model(x).argmax(1)
     title = f"{grid}: test scenes, ground truth and predictions (seed {seed}, evaluation mode)"
-    return plot_scenes((source.test_images[:n], masks), path, n=n, predictions=predictions, title=title)
+    if source.task == "detection":
+        truth, ignored = ground_truth_rows(source, n)
+        rows = {"ground truth": truth, **predictions}
+        title = title.replace("predictions", "detections scoring 0.5 or more; dashed: ignored regions")
+        return plot_detections(source.test_images[:n], rows, path, score_min=0.5, ignored=ignored, title=title)
+    return plot_scenes((source.test_images[:n], targets), path, n=n, predictions=predictions, title=title)

@@ -11,7 +11,7 @@ images only and test scenes test images only.
 * :func:`make_scenes` draws the items of ``num_scenes`` scenes from a seed and composes them;
 * :class:`SegmentationTensorSource` serves (image, label map) tensors to ``mabn train``;
 * :class:`SceneSource` (``mabn train --task segmentation --data fashion-scenes``) is the fixed
-  Fashion-MNIST scene data set; :func:`fashion_scenes_source` opens it for :func:`~mabn.apps.data.make_source`;
+  Fashion-MNIST scene data set; :func:`fashion_scenes_source` opens it for :func:`~mabn.apps.sources.make_source`;
 * :func:`plot_scenes` draws scenes, their label maps and optional predicted label maps.
 
 ``results/fashion_scenes.png`` (6 test scenes of the default data set) is made by::
@@ -41,7 +41,9 @@ __all__ = [
     "resize_items",
     "compose_scenes",
     "make_scenes",
+    "foreground_areas",
     "SegmentationTensorSource",
+    "scene_splits",
     "SceneSource",
     "fashion_scenes_source",
     "plot_scenes",
@@ -93,6 +95,9 @@ class Scenes(NamedTuple):
         sources: (S, K) int64 indices of the items' images in the split they were drawn from.
         positions: (S, K, 2) int64 top-left corners (x0, y0) of the items' squares.
         sides: (S, K) int64 sides of the items' squares.
+        instances: (S, H, W) uint8 instance maps: 0 = background, ``k + 1`` where slot k is visible
+            (each item's visible pixels: its foreground minus what later items cover).
+        areas: (S, K) int64 foreground pixels of each item before occlusion (0 for empty slots).
     """
 
     images: Tensor
@@ -101,6 +106,8 @@ class Scenes(NamedTuple):
     sources: Tensor
     positions: Tensor
     sides: Tensor
+    instances: Tensor
+    areas: Tensor
 
 
 def resize_items(images: Tensor, side: int) -> Tensor:
@@ -317,10 +324,34 @@ def make_scenes(
     positions = (u[..., 3:5] * (canvas - sides + 1)[..., None]).long()
     sides, positions = sides.masked_fill(~present, -1), positions.masked_fill(~present[..., None], -1)
     item_labels = torch.where(present, labels[sources.clamp(min=0)], -1)
-    scenes, masks, boxes = compose_scenes(
-        images[sources.clamp(min=0)], item_labels, positions, sides, canvas, threshold
-    )
-    return Scenes(scenes.unsqueeze(1), masks, boxes, sources, positions, sides)
+    items = images[sources.clamp(min=0)]
+    scenes, masks, boxes = compose_scenes(items, item_labels, positions, sides, canvas, threshold)
+    # The same composition with each item's slot as its label gives the instance map.
+    slots = torch.where(present, torch.arange(k), -1)
+    instances = compose_scenes(items, slots, positions, sides, canvas, threshold)[1]
+    areas = foreground_areas(items, present, sides, threshold)
+    return Scenes(scenes.unsqueeze(1), masks, boxes, sources, positions, sides, instances, areas)
+
+
+def foreground_areas(items: Tensor, present: Tensor, sides: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
+    """(S, K) int64 foreground pixel counts of the items resized to their sides (0 where not present).
+
+    The pixels :func:`compose_scenes` would paste for each item on an empty canvas.
+
+    Example::
+
+        >>> item = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+        >>> item[0, 0, :14] = 255
+        >>> foreground_areas(item, torch.tensor([[True]]), torch.tensor([[28]])).tolist()
+        [[392]]
+    """
+    cut = math.floor(threshold)
+    areas = torch.zeros(present.shape, dtype=torch.long)
+    for slot in range(present.shape[1]):
+        for side in torch.unique(sides[present[:, slot], slot]).tolist():
+            sel = (present[:, slot] & (sides[:, slot] == side)).nonzero().squeeze(1)
+            areas[sel, slot] = (resize_items(items[sel, slot], side) > cut).flatten(1).sum(1)
+    return areas
 
 
 class SegmentationTensorSource(InMemorySource):
@@ -411,6 +442,33 @@ class SegmentationTensorSource(InMemorySource):
         return self.test_masks[start:stop].long()
 
 
+def scene_splits(
+    root: str | os.PathLike | None = None,
+    canvas: int = 96,
+    num_train: int = 12000,
+    num_test: int = 1000,
+    seed: int = 0,
+    items: tuple[int, int] = (3, 5),
+    scale: tuple[float, float] = (1.0, 2.0),
+) -> tuple[Scenes, Scenes]:
+    """The training and test :class:`Scenes` of the Fashion-MNIST scene data set with seed ``seed``.
+
+    Training scenes are drawn by :func:`make_scenes` from the Fashion-MNIST training images with seed
+    ``2 * seed``, test scenes from the test images with seed ``2 * seed + 1``; the segmentation
+    (:class:`SceneSource`) and detection (:class:`mabn.apps.detection.DetectionSceneSource`) data
+    sets are both made of them. Arguments as :class:`SceneSource`.
+
+    Raises:
+        ValueError: a count below 1 or a bad scene parameter. FileNotFoundError: no Fashion-MNIST.
+    """
+    for name, value in (("num_train", num_train), ("num_test", num_test)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    train = make_scenes(*load_fashion_mnist("train", root), num_train, canvas, items, scale, 2 * seed)
+    test = make_scenes(*load_fashion_mnist("test", root), num_test, canvas, items, scale, 2 * seed + 1)
+    return train, test
+
+
 class SceneSource(SegmentationTensorSource):
     """The Fashion-MNIST scene data set (``--data fashion-scenes``): 1 x canvas x canvas, 11 classes.
 
@@ -447,12 +505,8 @@ class SceneSource(SegmentationTensorSource):
         items: tuple[int, int] = (3, 5),
         scale: tuple[float, float] = (1.0, 2.0),
     ) -> None:
-        for name, value in (("num_train", num_train), ("num_test", num_test)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         self.canvas, self.seed = canvas, seed
-        self.train_scenes = make_scenes(*load_fashion_mnist("train", root), num_train, canvas, items, scale, 2 * seed)
-        self.test_scenes = make_scenes(*load_fashion_mnist("test", root), num_test, canvas, items, scale, 2 * seed + 1)
+        self.train_scenes, self.test_scenes = scene_splits(root, canvas, num_train, num_test, seed, items, scale)
         super().__init__(
             "fashion-scenes",
             (self.train_scenes.images, self.train_scenes.masks),

@@ -29,6 +29,8 @@ from ..recompute import checkpoint
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "NormBuilder",
+    "resolve_conv",
     "ResNet",
     "resnet18",
     "resnet34",
@@ -42,8 +44,19 @@ ConvSpec = str | type[nn.Module] | Callable[..., nn.Module] | None
 _STEMS = {"imagenet": 4, "small": 1, "small_stride2": 2}
 
 
-def _resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """(conv class, linear class) for ``conv_layer``: None/"none", "centralized", or a conv class."""
+def resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """(conv class, linear class) for ``conv_layer``: None/"none", "centralized", or a conv class.
+
+    Shared by the models of this package, so that ``conv_layer`` means the same everywhere.
+
+    Raises:
+        ValueError: an unknown name. TypeError: neither None, a name nor a callable.
+
+    Example::
+
+        >>> resolve_conv("centralized")[0].__name__
+        'CenConv2d'
+    """
     if conv_layer is None or isinstance(conv_layer, str):
         return (CenConv2d, CenLinear) if check_conv(conv_layer) else (nn.Conv2d, nn.Linear)
     if callable(conv_layer):
@@ -51,8 +64,17 @@ def _resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Calla
     raise TypeError(f"conv_layer must be None, 'centralized' or a class, got {conv_layer!r}")
 
 
-class _Norm:
-    """Binds the norm choice and its keyword arguments: ``self(num_features) -> module``."""
+class NormBuilder:
+    """Binds a norm choice and its keyword arguments: ``self(num_features)`` builds one layer.
+
+    Every norm layer of the models of this package is built through one of these, so by
+    :func:`mabn.create_norm_layer`.
+
+    Example::
+
+        >>> NormBuilder("mabn", {"norm_batch_size": 2})(16).norm_batch_size
+        2
+    """
 
     def __init__(self, norm_layer: NormSpec, norm_kwargs: dict[str, Any]) -> None:
         self.norm_layer, self.norm_kwargs = norm_layer, norm_kwargs
@@ -201,8 +223,8 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must be positive ints, one per stage, got layers={layers}, widths={widths}")
         if stem not in _STEMS:
             raise ValueError(f"stem must be one of {', '.join(map(repr, _STEMS))}, got {stem!r}")
-        conv, linear = _resolve_conv(conv_layer)
-        norm = _Norm(norm_layer, dict(norm_kwargs or {}))
+        conv, linear = resolve_conv(conv_layer)
+        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
         self.inplanes = widths[0]
         if stem == "imagenet":
             self.conv1 = conv(in_channels, self.inplanes, 7, stride=2, padding=3, bias=False)

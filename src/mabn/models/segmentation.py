@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factory import NormSpec
-from .resnet import BasicBlock, ConvSpec, ResNet, _Norm, _resolve_conv, resnet18, resnet50
+from .resnet import BasicBlock, ConvSpec, NormBuilder, ResNet, resnet18, resnet50, resolve_conv
 
 __all__ = ["SegmentationFPN", "fpn_resnet_small", "fpn_resnet18", "fpn_resnet50"]
 
@@ -96,8 +96,8 @@ class SegmentationFPN(nn.Module):
         width = _positive_int("decoder_channels", decoder_channels)
         if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
             raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
-        conv, _ = _resolve_conv(conv_layer)
-        norm = _Norm(norm_layer, dict(norm_kwargs or {}))
+        conv, _ = resolve_conv(conv_layer)
+        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
         encoder.fc = nn.Identity()
         self.encoder = encoder
         channels = list(encoder.stage_channels)
@@ -122,6 +122,15 @@ class SegmentationFPN(nn.Module):
         # Small logits at the start: every class about equally likely at every pixel.
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def checkpoint_stages(self) -> bool:
+        """The encoder's :attr:`ResNet.checkpoint_stages` (recompute its stages in the backward pass)."""
+        return self.encoder.checkpoint_stages
+
+    @checkpoint_stages.setter
+    def checkpoint_stages(self, value: bool) -> None:
+        self.encoder.checkpoint_stages = value
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]

@@ -10,20 +10,23 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ...config import PRESETS
 from ...conv import CONV_CHOICES
 from ...convert import PRESERVE_CHOICES
-from ...factory import NORM_NAMES, is_batch_norm
-from ...models import ARCH_TASKS, ARCHS
-from ..data import DATA_SOURCES, DATA_TASKS
+from ...factory import NORM_NAMES, canonical_name, is_batch_norm
+from ...models import ARCH_TASKS, ARCHS, DETECTION_ARCHS
+from ..sources import DATA_SOURCES, DATA_TASKS
 
 SCHEDULES = ("cosine", "step", "constant")
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 
 
 #: The input side of the data sources that have one, when --image-size is not given.
 DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "fashion-scenes": 96}
 #: The architecture of a task when --arch is not given.
-DEFAULT_ARCH = {"classification": "resnet_small", "segmentation": "fpn_resnet_small"}
+DEFAULT_ARCH = {"classification": "resnet_small", "segmentation": "fpn_resnet_small", "detection": "fcos_resnet_small"}
+#: The architectures that take --depth and --width (the small ResNet and the models built on it).
+SIZED_ARCHS = ("resnet_small", "fpn_resnet_small", *DETECTION_ARCHS)
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -128,7 +131,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "task",
         None,
-        "classification (top-1 error) or segmentation (pixel cross-entropy, mean IoU); default: the data's",
+        "classification (top-1 error), segmentation (pixel cross-entropy, mean IoU) or detection "
+        "(torchvision's detector losses, COCO box AP; --data fashion-scenes); default: the data's first",
         "data",
         choices=TASKS,
     ),
@@ -154,11 +158,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "arch",
         None,
-        f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation)",
+        f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation, "
+        "fcos_resnet_small for detection)",
         "model",
     ),
-    Option("depth", None, "resnet_small, fpn_resnet_small: basic blocks per stage", "model", type=int),
-    Option("width", None, "resnet_small, fpn_resnet_small: channels of the first stage", "model", type=int),
+    Option("depth", None, "resnet_small, fpn_resnet_small, detectors: basic blocks per stage", "model", type=int),
+    Option("width", None, "resnet_small, fpn_resnet_small, detectors: channels of the first stage", "model", type=int),
     Option(
         "norm",
         "bn",
@@ -209,9 +214,18 @@ OPTIONS: tuple[Option, ...] = (
         "checkpoint_activations",
         False,
         "recompute each stage's activations in the backward pass (mabn.checkpoint: the recomputation "
-        "reuses the statistics of the forward) to save memory",
+        "reuses the statistics of the forward) to save memory; the stages of the model's ResNet encoder",
         "model",
         action="store_true",
+    ),
+    Option(
+        "head_warmup_iters",
+        None,
+        "detection: the heads' norm layers use their batch statistics for their first N steps (the "
+        "warmup_iters of moving-average norms such as mabn; the paper's Table 5 recipe); default: as the backbone",
+        "model",
+        type=int,
+        metavar="N",
     ),
     # fine-tuning
     Option(
@@ -382,14 +396,29 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The configuration in the JSON file ``path``, with the runtime options given on the command line."""
+    """The configuration in the JSON file ``path``, with the runtime options given on the command line.
+
+    The file holds the training options as one JSON object, or is a run's ``config.json`` (whose
+    ``"train"`` entry holds them).
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON text (e.g. a checkpoint), not an object, or holds
+            training options that the command line repeats (the message names the option and the file).
+    """
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"--config {path}: not a text file; expected a JSON object of training options (e.g. a run's "
+            "config.json), not a checkpoint (start from a checkpoint's weights with --init, continue a run with --resume)"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--config {path}: not JSON ({exc})") from None
+        raise ValueError(f"--config {path}: not JSON ({exc}); expected a JSON object of training options") from None
     if not isinstance(config, dict):
         raise ValueError(f"--config {path}: expected a JSON object of training options, got {type(config).__name__}")
+    if isinstance(config.get("train"), dict) and "model_config" in config:
+        config = config["train"]  # a run's config.json
     given = config_from_args(args)
     defaults = config_from_args(parser.parse_args([]))
     extra = sorted(k for k in given if given[k] != defaults[k] and k not in RUNTIME_KEYS)
@@ -476,18 +505,36 @@ def _check_choices(c: dict[str, Any]) -> None:
 
 def _check_task(c: dict[str, Any]) -> None:
     """Resolve the task and the architecture; the data and the model must both do the task."""
-    task = DATA_TASKS[c["data"]]
+    tasks = DATA_TASKS[c["data"]]
     if c["task"] is not None and c["task"] not in TASKS:
         raise ValueError(f"unknown --task {c['task']!r}; choose one of {', '.join(TASKS)}")
-    if c["task"] is not None and c["task"] != task:
-        raise ValueError(f"--task {c['task']} with --data {c['data']}: that data source is for {task}")
-    c["task"] = task
+    if c["task"] is not None and c["task"] not in tasks:
+        raise ValueError(f"--task {c['task']} with --data {c['data']}: that data source is for {' and '.join(tasks)}")
+    task = c["task"] = c["task"] or tasks[0]
     c["arch"] = c["arch"] or DEFAULT_ARCH[task]
     if ARCH_TASKS[c["arch"]] != task:
-        what = "a segmentation head" if task == "segmentation" else "a classifier"
-        raise ValueError(f"--arch {c['arch']} has no {what.split(' ', 1)[1]}: --task {task} needs {what}")
-    if c["arch"] not in ("resnet_small", "fpn_resnet_small") and (c["depth"] is not None or c["width"] is not None):
-        raise ValueError(f"--depth and --width apply to resnet_small and fpn_resnet_small only, not to {c['arch']}")
+        what = {"segmentation": "a segmentation head", "detection": "a detector"}.get(task, "a classifier")
+        raise ValueError(f"--arch {c['arch']} is not {what}: --task {task} needs {what}")
+    if c["arch"] not in SIZED_ARCHS and (c["depth"] is not None or c["width"] is not None):
+        raise ValueError(f"--depth and --width apply to {', '.join(SIZED_ARCHS)} only, not to {c['arch']}")
+    _check_detection(c)
+
+
+def _check_detection(c: dict[str, Any]) -> None:
+    """Options that only detectors take, and what detectors cannot do."""
+    warmup = c["head_warmup_iters"]
+    if warmup is not None:
+        if c["task"] != "detection":
+            raise ValueError("--head-warmup-iters applies to detectors (--task detection) only")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"head_warmup_iters must be an int >= 0, got {warmup!r}")
+        preset = PRESETS.get(canonical_name(c["norm"])) if isinstance(c["norm"], str) else None
+        if preset is None or "sma" not in (preset.forward_stats, preset.backward_stats):
+            raise ValueError(
+                f"--head-warmup-iters sets the warm-up of moving-average norms (e.g. mabn); {c['norm']!r} has none"
+            )
+    if c["task"] == "detection" and c["recalibrate"]:
+        raise ValueError("--recalibrate runs the model on images alone; detectors train on images and targets")
 
 
 def _check_numbers(c: dict[str, Any]) -> None:
@@ -556,7 +603,7 @@ def model_config(config: dict[str, Any], num_classes: int, in_channels: int) -> 
         "norm_kwargs": norm_kwargs,
         "conv": config["conv"],
     }
-    for key in ("depth", "width"):
+    for key in ("depth", "width", "head_warmup_iters"):
         if config[key] is not None:
             mc[key] = config[key]
     if config["freeze_norm"]:

@@ -1,4 +1,5 @@
-"""Losses and test metrics of the two tasks: top-1 error (classification), mean IoU and pixel accuracy (segmentation)."""
+"""Losses and test metrics of the tasks: top-1 error (classification), mean IoU and pixel accuracy
+(segmentation), COCO box AP (detection, with mask AP for detectors that predict masks)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,47 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["task_loss", "evaluate", "evaluate_folded", "confusion_matrix", "segmentation_scores", "METRICS"]
+__all__ = [
+    "task_loss",
+    "training_loss",
+    "evaluate",
+    "evaluate_folded",
+    "confusion_matrix",
+    "segmentation_scores",
+    "METRICS",
+]
 
 #: The metrics each task reports (percent), the first one being the headline.
-METRICS = {"classification": ("error",), "segmentation": ("miou", "pixel_acc")}
+METRICS = {
+    "classification": ("error",),
+    "segmentation": ("miou", "pixel_acc"),
+    "detection": ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75"),
+}
 
 
 def task_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy over classes: per image (N, K) or per pixel (N, K, H, W) against (N, H, W)."""
     return nn.functional.cross_entropy(logits, target)
+
+
+def training_loss(net: nn.Module, x: Tensor, y: Any, task: str) -> tuple[Tensor, Tensor | None]:
+    """The loss of one training forward, and the logits (None for detection).
+
+    Detectors (torchvision's) take a list of images and their targets and return their losses,
+    which are summed with equal weights, as torchvision's references do.
+    """
+    if task == "detection":
+        losses = net(list(x), y)
+        return torch.stack(list(losses.values())).sum(), None
+    logits = net(x)
+    return task_loss(logits, y), logits
+
+
+def to_device(y: Any, device: torch.device) -> Any:
+    """Targets on ``device``: a tensor, or detection targets (a list of dicts of tensors)."""
+    if isinstance(y, Tensor):
+        return y.to(device)
+    return [{k: v.to(device) for k, v in t.items()} for t in y]
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -49,12 +82,16 @@ def evaluate(
 ) -> dict[str, float]:
     """The test metrics of ``model`` (put in eval mode, restored after) on the test split of ``source``.
 
-    Returns ``{"error": top-1 error %}`` for classification data and ``{"miou": ..., "pixel_acc": ...}``
-    (percent) for segmentation data.
+    Returns ``{"error": top-1 error %}`` for classification data, ``{"miou": ..., "pixel_acc": ...}``
+    (percent) for segmentation data and ``{"box_ap", "box_ap50", "box_ap75"}`` (COCO, percent; plus
+    ``"mask_..."`` when the detector predicts masks) for detection data.
     """
+    task = getattr(source, "task", "classification")
+    if task == "detection":
+        return _evaluate_detection(model, source, batch_size, device, workers)
     was_training = model.training
     model.eval()
-    segmentation = getattr(source, "task", "classification") == "segmentation"
+    segmentation = task == "segmentation"
     confusion = torch.zeros(source.num_classes, source.num_classes, dtype=torch.long)
     wrong = total = 0
     try:
@@ -72,16 +109,37 @@ def evaluate(
     return {"error": 100.0 * wrong / max(total, 1)}
 
 
+def _evaluate_detection(
+    model: nn.Module, source: Any, batch_size: int, device: torch.device, workers: int = 0
+) -> dict[str, float]:
+    from ..detection import coco_metrics
+
+    was_training = model.training
+    model.eval()
+    detections: list[dict[str, Tensor]] = []
+    try:
+        for x, _ in source.test_batches(batch_size, workers):
+            detections += [{k: v.cpu() for k, v in d.items()} for d in model(list(x.to(device)))]
+    finally:
+        model.train(was_training)
+    masks = bool(detections) and "masks" in detections[0]
+    return coco_metrics(source.coco_ground_truth(), detections, masks=masks)
+
+
 def evaluate_folded(
     model: nn.Module, source: Any, batch_size: int, device: torch.device, workers: int = 0
 ) -> tuple[dict[str, float] | None, str | None]:
-    """The metrics of ``mabn.fold`` of the eval model, or (None, reason) when it does not fold."""
+    """The metrics of ``mabn.fold`` of the eval model, or (None, reason) when it does not fold.
+
+    Norm layers that cannot fold (e.g. GroupNorm, or the per-level norms of shared detection head
+    convolutions) stay in the folded model as plain layers computing the same.
+    """
     from ...fold import fold
 
     was_training = model.training
     model.eval()
     try:
-        folded = fold(model)
+        folded, _ = fold(model, return_report=True)
     except (ValueError, TypeError, NotImplementedError) as exc:
         return None, f"fold failed: {exc}"
     finally:

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ...convert import convert_model
+from ...models import encoder_of
 from ...recalibrate import recalibrate
 from ...serialization import load_checkpoint, model_from_checkpoint
 
 
 def load_pretrained(model: nn.Module, config: dict[str, Any], mc: dict[str, Any]) -> str:
-    """Load ``config["init"]``'s weights into ``model`` (its ``encoder`` when it has one); return a summary.
+    """Load ``config["init"]``'s weights into ``model`` (its ResNet encoder, :func:`mabn.models.encoder_of`); return a summary.
 
     The pretrained model's norm layers are converted to the run's (``mabn.convert_model`` with
     ``preserve=config["init_preserve"]``), or frozen with ``freeze_norm``; the classifier of a
@@ -21,7 +22,7 @@ def load_pretrained(model: nn.Module, config: dict[str, Any], mc: dict[str, Any]
     the checkpoint.
     """
     pretrained = model_from_checkpoint(load_checkpoint(config["init"]))  # evaluation mode
-    target = getattr(model, "encoder", model)
+    target = encoder_of(model)
     if config["freeze_norm"]:
         convert_model(pretrained, "frozen_bn")  # the target's encoder was built frozen (mc["frozen_encoder"])
     else:

@@ -1,11 +1,12 @@
-"""Train a classifier or a segmentation model with any normalization layer (the loop of ``mabn train``).
+"""Train a classifier, a segmentation model or a detector with any normalization layer (the loop of ``mabn train``).
 
 ``mabn train`` (or ``python -m mabn train``; under ``torchrun`` it trains with
 DistributedDataParallel) builds ``mabn.models.build_model(model_config)`` with the chosen
 normalization preset, trains it with SGD (momentum 0.9) under a cosine or step schedule with linear
 warm-up (or a constant rate), and evaluates the model and its folded inference form (``mabn.fold``)
 on the test split: top-1 error for classification, mean IoU and pixel accuracy for segmentation
-(``--task segmentation --data fashion-scenes``). The output directory receives:
+(``--task segmentation --data fashion-scenes``), COCO box AP for detection (``--task detection
+--data fashion-scenes``, torchvision's detectors). The output directory receives:
 
 * ``config.json``: the full configuration of the run;
 * ``metrics.jsonl``: one JSON line per epoch (loss, errors, learning rate, time, images/s);
@@ -50,8 +51,8 @@ from torch import nn
 from ...factory import canonical_name, is_batch_norm
 from ...models import build_model
 from ...serialization import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
-from ..data import make_source
 from ..files import atomic_save, atomic_write, buffer_digest, param_digest, write_json
+from ..sources import make_source
 from .config import (
     CHECKPOINT,
     CONFIG,
@@ -63,7 +64,7 @@ from .config import (
     model_config,
 )
 from .distributed import Distributed, select_device
-from .evaluate import evaluate, evaluate_folded, task_loss
+from .evaluate import evaluate, evaluate_folded, to_device, training_loss
 from .init import load_pretrained, recalibrate_run
 
 __all__ = ["train", "run_or_resume", "learning_rate"]
@@ -142,8 +143,9 @@ def train(
         progress: show a tqdm progress bar (default: when stderr is a terminal).
 
     Returns:
-        ``{"error", "error_folded"}`` (classification) or ``{"miou", "pixel_acc", "miou_folded",
-        "pixel_acc_folded"}`` (segmentation), with ``"epochs", "wall_time_s",
+        ``{"error", "error_folded"}`` (classification), ``{"miou", "pixel_acc", "miou_folded",
+        "pixel_acc_folded"}`` (segmentation) or ``{"box_ap", "box_ap50", "box_ap75", "box_ap_folded",
+        ...}`` (detection, COCO AP in percent), with ``"epochs", "wall_time_s",
         "train_time_per_epoch_s", "diverged", "param_digest", ...`` (``"stopped": True`` and no
         metrics when stopped early).
 
@@ -201,7 +203,13 @@ def _open(config: dict[str, Any], ckpt: dict[str, Any] | None) -> _Run:
     ddp = Distributed()
     device = select_device(config["device"], ddp.local_rank)
     source = make_source(
-        config["data"], config["data_dir"], config["limit_train"], config["limit_test"], config["image_size"]
+        config["data"],
+        config["data_dir"],
+        config["limit_train"],
+        config["limit_test"],
+        config["image_size"],
+        task=config["task"],
+        masks=config["arch"] == "maskrcnn_resnet_small",
     )
     if config["threads"] is not None:
         torch.set_num_threads(config["threads"])
@@ -216,9 +224,7 @@ def _open(config: dict[str, Any], ckpt: dict[str, Any] | None) -> _Run:
         _log(ddp.rank, load_pretrained(model, config, mc))
     model = model.to(device)
     if config["checkpoint_activations"]:
-        if not hasattr(model, "checkpoint_stages"):
-            raise ValueError(f"--checkpoint-activations: {config['arch']} has no stages to checkpoint")
-        model.checkpoint_stages = True
+        _checkpoint_stages(model, config["arch"])
     steps_per_epoch = (source.num_train // ddp.world) // config["batch_size"]
     if steps_per_epoch < 1:
         raise ValueError(
@@ -410,7 +416,14 @@ def _finish(run: _Run) -> dict[str, Any]:
 
 
 def _done_line(result: dict[str, Any], wall_time: float) -> str:
-    if result["task"] == "segmentation":
+    if result["task"] == "detection":
+        nan = float("nan")
+        text = f"done: test box AP {result.get('box_ap', nan):.2f} %, AP50 {result.get('box_ap50', nan):.2f} %"
+        if result.get("mask_ap") is not None:
+            text += f", mask AP {result['mask_ap']:.2f} %"
+        folded = result.get("box_ap_folded")
+        text += f", folded box AP {folded:.2f} %" if folded is not None else f" (folded: {result['fold_note']})"
+    elif result["task"] == "segmentation":
         text = f"done: test mIoU {result.get('miou', float('nan')):.2f} %, pixel accuracy {result.get('pixel_acc', float('nan')):.2f} %"
         folded = result.get("miou_folded")
         text += f", folded mIoU {folded:.2f} %" if folded is not None else f" (folded: {result['fold_note']})"
@@ -489,9 +502,24 @@ def _to_tuple(obj: Any) -> Any:
     return tuple(_to_tuple(o) for o in obj) if isinstance(obj, (tuple, list)) else obj
 
 
-def _micro_batches(x: torch.Tensor, y: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``k`` consecutive micro-batches of a gradient batch."""
-    return list(zip(x.chunk(k), y.chunk(k)))
+def _checkpoint_stages(model: nn.Module, arch: str) -> None:
+    """Recompute the stages of every ResNet in ``model`` in the backward pass (``ResNet.checkpoint_stages``)."""
+    from ...models import ResNet
+
+    encoders = [m for m in model.modules() if isinstance(m, ResNet)]
+    if not encoders:
+        raise ValueError(f"--checkpoint-activations: {arch} has no ResNet stages to checkpoint")
+    for encoder in encoders:
+        encoder.checkpoint_stages = True
+
+
+def _micro_batches(x: torch.Tensor, y: Any, k: int) -> list[tuple[torch.Tensor, Any]]:
+    """The ``k`` consecutive micro-batches of a gradient batch (targets: a tensor or a list per image)."""
+    xs = x.chunk(k)
+    if isinstance(y, torch.Tensor):
+        return list(zip(xs, y.chunk(k)))
+    size = xs[0].shape[0]
+    return [(xm, y[i * size : i * size + xm.shape[0]]) for i, xm in enumerate(xs)]
 
 
 def _train_epoch(run: _Run, steps: int, show: bool) -> dict[str, Any]:
@@ -517,15 +545,15 @@ def _train_epoch(run: _Run, steps: int, show: bool) -> dict[str, Any]:
             group["lr"] = lr
         run.optimizer.zero_grad(set_to_none=True)
         value = 0.0
-        for i, (xm, ym) in enumerate(_micro_batches(x.to(run.device), y.to(run.device), k)):
+        for i, (xm, ym) in enumerate(_micro_batches(x.to(run.device), to_device(y, run.device), k)):
             # Gradients are all-reduced once per step, after the last micro-batch.
             sync = ddp.active and i < k - 1
             with run.net.no_sync() if sync else contextlib.nullcontext():
-                logits = run.net(xm)
-                loss = task_loss(logits, ym) / k
+                loss, logits = training_loss(run.net, xm, ym, config["task"])
+                loss = loss / k
                 loss.backward()
             value += float(loss.detach())
-            if config["task"] == "classification":
+            if logits is not None and config["task"] == "classification":
                 wrong += float((logits.detach().argmax(1) != ym).sum())
                 seen += ym.numel()
         value = ddp.mean(value)
@@ -565,6 +593,12 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"test mIoU {record['test_miou']:.2f} %  pixel acc {record['test_pixel_acc']:.2f} %")
     if record.get("test_miou_folded") is not None:
         parts.append(f"folded mIoU {record['test_miou_folded']:.2f} %")
+    if record.get("test_box_ap") is not None:
+        parts.append(f"test box AP {record['test_box_ap']:.2f} %  AP50 {record['test_box_ap50']:.2f} %")
+    if record.get("test_mask_ap") is not None:
+        parts.append(f"mask AP {record['test_mask_ap']:.2f} %")
+    if record.get("test_box_ap_folded") is not None:
+        parts.append(f"folded box AP {record['test_box_ap_folded']:.2f} %")
     if record.get("test_error") is not None:
         parts.append(f"test error {record['test_error']:.2f} %")
     if record.get("test_error_folded") is not None:
