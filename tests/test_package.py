@@ -17,7 +17,8 @@ def test_import_mabn_loads_no_application_module_or_optional_dependency():
     code = (
         "import sys, mabn, mabn.models; mabn.MABN2d(4); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('matplotlib', 'PIL', 'onnx', 'onnxruntime', 'onnxscript') or m.startswith('mabn.apps')))"
+        "('matplotlib', 'PIL', 'onnx', 'onnxruntime', 'onnxscript', 'torchvision', 'timm', 'pycocotools') "
+        "or m.startswith('mabn.apps')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
