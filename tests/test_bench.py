@@ -61,8 +61,9 @@ def test_bench_small_writes_the_table_and_summary(tmp_path, capsys):
         assert len(cells) == 6 and all(float(c) > 0 for c in cells)
     for layer in ("MABN2d", "GhostBN2d", "BatchRenorm2d", "FrozenBN2d", "GroupNorm(32)"):
         (line,) = [s for s in text.splitlines() if s.startswith(f"- {layer} / BatchNorm2d, N = 1, 2, 1 shapes:")]
-        low, high, median = map(float, re.search(r"contiguous ([\d.]+)-([\d.]+)x \(median ([\d.]+)x\)", line).groups())
-        assert low <= median <= high and "channels_last" in line
+        found = re.search(r"contiguous ([\d.]+)-([\d.]+)x \(median ([\d.]+)x, max at ([\dx]+)\)", line)
+        low, high, median = map(float, found.groups()[:3])
+        assert low <= median <= high and found.group(4) in ("1x32x4x4", "2x32x4x4") and "channels_last" in line
     assert text.splitlines()[-1].removeprefix("- ") in capsys.readouterr().out  # also printed
 
 

@@ -251,7 +251,7 @@ def small_markdown(rows: list[dict]) -> str:
 
 
 def ratio_summary(rows: list[dict]) -> list[str]:
-    """One line per layer: min-max (median) of its ratio to BatchNorm2d in each layout, over the rows."""
+    """One line per layer: min-max (median, shape of the max) of its ratio to BatchNorm2d per layout, over the rows."""
     lines = []
     layouts = list(dict.fromkeys(row["layout"] for row in rows))
     batches = sorted({int(row["shape"].split("x")[0]) for row in rows})
@@ -260,8 +260,9 @@ def ratio_summary(rows: list[dict]) -> list[str]:
         parts = []
         for layout in layouts:
             ratios = [row[column] for row in rows if row["layout"] == layout]
+            worst = max((row for row in rows if row["layout"] == layout), key=lambda row: row[column])["shape"]
             median = statistics.median(ratios)
-            parts.append(f"{layout} {min(ratios):.2f}-{max(ratios):.2f}x (median {median:.2f}x)")
+            parts.append(f"{layout} {min(ratios):.2f}-{max(ratios):.2f}x (median {median:.2f}x, max at {worst})")
         n = ", ".join(map(str, batches))
         lines.append(f"{column} / BatchNorm2d, N = {n}, {shapes} shapes: " + "; ".join(parts))
     return lines
