@@ -19,19 +19,20 @@ import tempfile
 
 import torch
 
-from mabn.apps.opcount import COUNT_SHAPE, LAYERS, OperationCount, count_layer, synced_counts
+from mabn.apps.opcount import COUNT_SHAPE, LARGE_MAP_SHAPE, LAYERS, OperationCount, count_layer, synced_counts
 
 GROUPS = (1, 4)
 REFERENCE = "nn.BatchNorm2d"
 
-#: (title, channels_last, cpu_specific, synced)
+#: (title, input shape, channels_last, cpu_specific, synced)
 SETTINGS = [
-    ("CPU dispatch, contiguous", False, True, False),
-    ("CPU dispatch, channels_last", True, True, False),
-    ("generic paths (what a GPU runs), contiguous", False, False, False),
-    ("generic paths (what a GPU runs), channels_last", True, False, False),
-    ("synced over 2 gloo processes, CPU dispatch, contiguous", False, True, True),
-    ("synced over 2 gloo processes, generic paths, contiguous", False, False, True),
+    ("CPU dispatch, contiguous", COUNT_SHAPE, False, True, False),
+    ("CPU dispatch, contiguous, large maps", LARGE_MAP_SHAPE, False, True, False),
+    ("CPU dispatch, channels_last", COUNT_SHAPE, True, True, False),
+    ("generic paths (what a GPU runs), contiguous", COUNT_SHAPE, False, False, False),
+    ("generic paths (what a GPU runs), channels_last", COUNT_SHAPE, True, False, False),
+    ("synced over 2 gloo processes, CPU dispatch, contiguous", COUNT_SHAPE, False, True, True),
+    ("synced over 2 gloo processes, generic paths, contiguous", COUNT_SHAPE, False, False, True),
 ]
 
 
@@ -68,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sync", action="store_true", help="skip the synced counts (2 spawned processes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape = COUNT_SHAPE
-    synced = {} if args.no_sync else _synced(shape)
+    synced = {} if args.no_sync else _synced(COUNT_SHAPE)
     tables: dict[str, dict[tuple[str, int], OperationCount | None]] = {}
-    for title, channels_last, cpu, sync in SETTINGS:
+    for title, shape, channels_last, cpu, sync in SETTINGS:
         if sync and args.no_sync:
             continue
         table = {}
@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         tables[title] = table
     # torch's BatchNorm2d has no synced CPU form (SyncBatchNorm runs on GPUs): the synced ratios are to the
     # unsynced BatchNorm2d of the same dispatch.
-    unsynced = {(cl, cpu): title for title, cl, cpu, sync in SETTINGS if not sync}
+    unsynced = {(shape, cl, cpu): title for title, shape, cl, cpu, sync in SETTINGS if not sync}
     references = {
-        title: tables[unsynced[(cl, cpu)]][(REFERENCE, 1)] for title, cl, cpu, _ in SETTINGS if title in tables
+        title: tables[unsynced[(shape, cl, cpu)]][(REFERENCE, 1)]
+        for title, shape, cl, cpu, _ in SETTINGS
+        if title in tables
     }
-    n, c, h, w = shape
+    n, c, h, w = COUNT_SHAPE
     command = "python benchmarks/operation_counts.py --out results/operation_counts.md"
     lines = [
         "# Operations of one training forward+backward per normalization layer",
@@ -98,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         f"    {command}",
         "",
         f"torch {torch.__version__.split('+')[0]}. Input {n} x {c} x {h} x {w} (float32): G = 1 is one group of "
-        f"{n} samples, G = 4 four groups of 1 (`norm_batch_size`). Each sample has {c * h * w} values, above the "
-        "size from which the CPU dispatch reduces sample by sample, so the CPU columns take the paths that every "
-        "ResNet-50 norm layer takes at 1-2 images per device (at N samples, the per-sample paths run N native calls). "
-        "Layers are past their warm-ups (built with warm-ups of 2 steps, the same phase tables as the "
-        f"defaults, and called 3 times first), renormalization active; the counted call is the 4th.",
+        f"{n} samples, G = 4 four groups of 1 (`norm_batch_size`). On contiguous CPU input the dispatch depends "
+        f"on the sizes: each sample here has {c * h * w} values, enough for the per-sample statistics, and each "
+        f"map {h * w}, small enough for the fused native backward, as ResNet-50's 28 x 28, 14 x 14 and 7 x 7 maps "
+        f"at 1-2 images per device; the *large maps* table uses {' x '.join(map(str, LARGE_MAP_SHAPE))} (the "
+        "paths of the 56 x 56 and 112 x 112 maps, whose backward reduces sample by sample: at N samples, N "
+        "native calls). Layers are past their warm-ups (built with warm-ups of 2 steps, the same phase tables "
+        "as the defaults, and called 3 times first), renormalization active; the counted call is the 4th.",
         "",
         "What counts (`src/mabn/apps/opcount.py`): every operator call that reaches the dispatcher below autograd "
         "during the layer's forward and its backward, seen by a `TorchDispatchMode`. **total** counts them all; "
@@ -147,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cells = [*_cell(g1), *_cell(g4), _ratio(g1, ref), _ratio(g4, ref)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for title, groups in ((SETTINGS[0][0], 1), (SETTINGS[2][0], 4)):
+    by_name = (
+        ("CPU dispatch, contiguous", 1),
+        ("CPU dispatch, contiguous, large maps", 1),
+        ("generic paths (what a GPU runs), contiguous", 4),
+    )
+    for title, groups in by_name:
         count = tables[title][("MABN2d", groups)]
         lines += [
             "",

@@ -40,6 +40,7 @@ __all__ = [
     "touches_tensors",
     "count_forward_backward",
     "COUNT_SHAPE",
+    "LARGE_MAP_SHAPE",
     "LAYERS",
     "build_layer",
     "count_layer",
@@ -134,9 +135,12 @@ def count_forward_backward(layer: nn.Module, x: Tensor, dy: Tensor) -> Operation
 
 
 #: The input of the counts: 4 samples (G = 1 or 4 groups of B = 4 or 1), 32 channels (GroupNorm(32, C)),
-#: 32 x 32 maps. Each sample has 32 768 values, above ``mabn._kernels.PER_SAMPLE_MIN_NUMEL``, so the
-#: CPU dispatch takes the per-sample paths it takes at every ResNet-50 shape at one or two images.
+#: 32 x 32 maps. Each sample has 32 768 values, above ``mabn._kernels.PER_SAMPLE_MIN_NUMEL``, and each
+#: map 1024, at most ``mabn._kernels.FUSED_MAX_SPATIAL``: on contiguous CPU input the dispatch takes
+#: the paths of ResNet-50's 28 x 28, 14 x 14 and 7 x 7 maps at one or two images.
 COUNT_SHAPE = (4, 32, 32, 32)
+#: The same with 64 x 64 maps, above ``FUSED_MAX_SPATIAL``: the CPU paths of the 56 x 56 and 112 x 112 maps.
+LARGE_MAP_SHAPE = (4, 32, 64, 64)
 
 #: The layers counted, in table order.
 LAYERS = (
