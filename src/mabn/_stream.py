@@ -41,6 +41,7 @@ __all__ = [
     "forward_coefficients",
     "backward_coefficients",
     "constant",
+    "cached",
     "window_means",
 ]
 
@@ -50,7 +51,9 @@ _CACHE: dict[tuple[Any, ...], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
+def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
+    """The read-only value under ``key``, built by ``build()`` on first use (thread-safe; under
+    ``torch.compile`` a missing value is built in the graph instead)."""
     value = _CACHE.get(key)
     if value is None and torch.compiler.is_compiling():
         return build()  # traced into the graph as a constant; the eager calls fill the cache
@@ -189,11 +192,11 @@ def _forward_table(spec: TableSpec, num_groups: int, dtype: torch.dtype, device:
         data = [[_forward_matrix(spec, num_groups, n, f) for f in fills] for n in phases]
         return torch.tensor(data, dtype=torch.float64).to(device=device, dtype=dtype)
 
-    return _cached(("forward", spec, num_groups, dtype, device), build)
+    return cached(("forward", spec, num_groups, dtype, device), build)
 
 
 def _boundaries(values: tuple[int, ...], device: torch.device) -> Tensor:
-    return _cached(("boundaries", values, device), lambda: torch.tensor(values, dtype=torch.long, device=device))
+    return cached(("boundaries", values, device), lambda: torch.tensor(values, dtype=torch.long, device=device))
 
 
 def _lookup(table: Tensor, boundaries: tuple[int, ...], calls: Tensor, steps: Tensor | None) -> Tensor:
@@ -232,7 +235,7 @@ def _backward_table(spec: TableSpec, num_groups: int, dtype: torch.dtype, device
         data = [[_backward_matrix(spec, num_groups, k, mv, f) for f in range(spec.window + 1)] for mv in phases]
         return torch.tensor(data, dtype=torch.float64).to(device=device, dtype=dtype)
 
-    return _cached(("backward", spec, num_groups, dtype, device), build)
+    return cached(("backward", spec, num_groups, dtype, device), build)
 
 
 def backward_coefficients(
@@ -254,7 +257,7 @@ _CONSTANTS = {"one": 1.0, "nan": float("nan")}
 def constant(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A shared, read-only tensor of ``"one"`` or ``"nan"`` (the row of ones, the value of a rejected call)."""
     value = _CONSTANTS[name]
-    return _cached(
+    return cached(
         ("constant", name, shape, dtype, device), lambda: torch.full(shape, value, dtype=dtype, device=device)
     )
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._stream import cached
 from .config import NormConfig
 
 __all__ = ["world_size", "fingerprint", "reduce_forward", "reduce_backward"]
@@ -44,13 +45,23 @@ def fingerprint(num_features: int, groups: int, config: NormConfig) -> int:
     return zlib.crc32(text.encode()) % 2039 + 1
 
 
-def _pack_check(fingerprint: int, num_batches_tracked: Tensor | None) -> Tensor:
-    """``[f, f^2]`` of the call: the layer's fingerprint, and its step count in the forward pass."""
-    device = num_batches_tracked.device if num_batches_tracked is not None else None
-    f = torch.tensor(float(fingerprint), dtype=torch.float64, device=device)
-    if num_batches_tracked is not None:
-        f = f + (num_batches_tracked % 1024).to(torch.float64) * 2048.0
+def _pack_check(fingerprint: int, num_batches_tracked: Tensor | None, device: torch.device) -> Tensor:
+    """``[f, f^2]`` of the call: the layer's fingerprint, plus its step count in the forward pass.
+
+    The backward's pair is a constant, shared and read-only; the forward's takes three operations.
+    """
+    if num_batches_tracked is None:
+        return constant_pair(fingerprint, device)
+    f = (num_batches_tracked % 1024).to(torch.float64).mul_(2048.0).add_(fingerprint)
     return torch.stack([f, f * f])
+
+
+def constant_pair(fingerprint: int, device: torch.device) -> Tensor:
+    """``[f, f^2]`` of a fingerprint as a shared float64 tensor on ``device``."""
+    return cached(
+        ("fingerprint", fingerprint, device),
+        lambda: torch.tensor([float(fingerprint), float(fingerprint) ** 2], dtype=torch.float64, device=device),
+    )
 
 
 def _verify(packed: Tensor, local: Tensor, ranks: int, direction: str) -> None:
@@ -95,7 +106,7 @@ def reduce_forward(
     if n_local == 0:
         sums = torch.zeros_like(sums)  # the local moments of an empty batch are NaN
     counts = torch.full((g,), float(n_local), dtype=torch.float64, device=batch.device)
-    check_values = _pack_check(fingerprint, num_batches_tracked)
+    check_values = _pack_check(fingerprint, num_batches_tracked, batch.device)
     ranks = dist.get_world_size(process_group)
     if probe:  # sizes first: vectors of different sizes would abort the collective below
         probed = check_values.clone()
@@ -120,7 +131,7 @@ def reduce_backward(
     sum_dy: Tensor, sum_dy_xhat: Tensor, process_group: object, fingerprint: int, verify: bool
 ) -> tuple[Tensor, Tensor]:
     """The sums of ``dL/dy`` and ``dL/dy * x_hat`` (each (G, C)) over the ranks' matching groups."""
-    check_values = _pack_check(fingerprint, None).to(sum_dy.device)
+    check_values = _pack_check(fingerprint, None, sum_dy.device)
     packed = torch.cat([sum_dy.to(torch.float64).flatten(), sum_dy_xhat.to(torch.float64).flatten(), check_values])
     dist.all_reduce(packed, group=process_group)
     if verify:

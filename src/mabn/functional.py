@@ -715,9 +715,10 @@ def stream_norm(
         step.verify_sync = bool(sync_check) or (sync_check is None and input.device.type == "cpu")
     elif config.centered and numel < 2:
         _check_group_size(step, config)
-    if torch.is_autocast_enabled(input.device.type):
+    device_type = input.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # The statistics stay in their own dtype: autocast would run the stream's products in half.
-        with torch.autocast(input.device.type, enabled=False):
+        with torch.autocast(device_type, enabled=False):
             forward = _forward_statistics(input.detach(), state, config, step)
     else:
         forward = _forward_statistics(input.detach(), state, config, step)
