@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ._checks import check_num_features
 from ._kernels import HALF, stat_dtype
+from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
 from .config import PRESETS, NormConfig
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .functional import NormState, stream_norm
@@ -99,8 +100,19 @@ class StreamNorm(nn.Module):
     """
 
     _version = 2
-    track_running_stats: ClassVar[bool] = True
     config: NormConfig
+    # Names of child modules applied after the normalization (a converted norm+activation layer's
+    # dropout and activation, see mabn.adapters); empty for a layer built directly.
+    post_norm: tuple[str, ...] = ()
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Always True: the layer keeps and uses running statistics (setting False raises ``ValueError``)."""
+        return True
+
+    @track_running_stats.setter
+    def track_running_stats(self, value: bool) -> None:
+        check_track_running_stats(self, value)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -219,6 +231,8 @@ class StreamNorm(nn.Module):
         """Subclasses check the dimensionality of their input; this class takes any (N, C, *)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_proxy(input):  # a torch.fx trace: this layer is one call_module node of the graph
+            return leaf_call(self, input)
         if not isinstance(input, Tensor):
             raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
@@ -226,7 +240,7 @@ class StreamNorm(nn.Module):
         if self.process_group is not None and self.training:
             check = True if self._sync_calls == 0 else None  # every call on CPU, the first one elsewhere
             self._sync_calls += 1
-        return stream_norm(
+        output = stream_norm(
             input,
             self.weight,
             self.bias,
@@ -236,6 +250,7 @@ class StreamNorm(nn.Module):
             process_group=self.process_group,
             sync_check=check,
         )
+        return run_post_norm(self, output) if self.post_norm else output
 
     def _apply(self, fn: Any, recurse: bool = True) -> StreamNorm:
         # model.half() and .to(torch.bfloat16) cast the parameters; the statistics stay in float32.
@@ -286,9 +301,8 @@ class StreamNorm(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_var.device)
         if version is not None and version < 2:
             _migrate_v1(state_dict, prefix)
-        # All of this layer's keys or none: a refused load (missing, foreign or misshaped entries)
-        # copies nothing, so the layer stays as it was.
-        if not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+        # All of this layer's keys or none (see load_all_or_nothing): a refused load copies nothing.
+        if not load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
             return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -317,47 +331,6 @@ def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
             "which are reset",
             stacklevel=4,
         )
-
-
-def _check_keys(
-    module: StreamNorm, state_dict: dict[str, Any], prefix: str, missing: list, unexpected: list, errors: list
-) -> bool:
-    """Compare this layer's own keys and shapes with ``state_dict`` before anything is copied."""
-    expected = {name: t for name, t in module._parameters.items() if t is not None}
-    expected.update(
-        (n, t) for n, t in module._buffers.items() if t is not None and n not in module._non_persistent_buffers_set
-    )
-    present = {k[len(prefix) :] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix) :]}
-    lacking = sorted(set(expected) - present)
-    extra = sorted(present - set(expected))
-    shapes = [
-        f"{name}: {tuple(state_dict[prefix + name].shape)} instead of {tuple(t.shape)}"
-        for name, t in expected.items()
-        if name in present
-        and isinstance(state_dict[prefix + name], Tensor)
-        and state_dict[prefix + name].shape != t.shape
-    ]
-    if not (lacking or extra or shapes):
-        return True
-    missing.extend(prefix + k for k in lacking)
-    unexpected.extend(prefix + k for k in extra)
-    if extra or shapes:  # another kind of layer, or another size: an error even when loading non-strictly
-        detail = "; ".join(
-            part
-            for part in (
-                f"unexpected {', '.join(extra)}" if extra else "",
-                f"missing {', '.join(lacking)}" if lacking else "",
-                f"size mismatch {', '.join(shapes)}" if shapes else "",
-            )
-            if part
-        )
-        hint = ""
-        if extra:
-            hint = " (the state dict of another kind of norm layer: convert the model with mabn.convert_model)"
-        errors.append(
-            f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: {detail}{hint}"
-        )
-    return False
 
 
 class _Dims1d:
