@@ -1,6 +1,6 @@
 """The zoo: real torchvision and timm models through conversion, training, folding, reverting and ONNX export.
 
-    python benchmarks/zoo.py                  # every architecture -> results/zoo.md (hours, one core)
+    python benchmarks/zoo.py                  # every architecture -> results/zoo.md (about 2 hours, one core)
     python benchmarks/zoo.py --only resnet18 --only timm/efficientnet_b0    # some rows, printed
     python benchmarks/zoo.py --derive-timm-list   # recompute results/zoo_timm_models.txt (~10 minutes)
 
@@ -88,6 +88,11 @@ class Arch:
 #: FrozenBatchNorm2d; timm: freeze_batch_norm_2d, with FrozenBatchNormAct2d), "splitbn" timm's
 #: SplitBatchNorm2d (a BatchNorm subclass with its own forward: refused).
 VARIANTS = ("sync", "frozen", "splitbn")
+#: Why a refusal is the intended outcome, for the rows built to be refused.
+DELIBERATE = {
+    "splitbn": "SplitBatchNorm2d normalizes each part of a training batch with a BatchNorm of its own (AugMix's "
+    "split BN); no layer of mabn computes that, so the converter names the layer and refuses instead of guessing",
+}
 EXTRA_ARCHS = [
     Arch("torchvision", "classification", "resnet18", variant="sync"),
     Arch("torchvision", "classification", "resnet18", variant="frozen"),
@@ -678,6 +683,7 @@ def markdown(rows: list[Row], command: str) -> str:
         "",
         summary(rows),
         "",
+        *(line for t in totals(rows) for line in (t, "")),
         f"Written by `{command}` (torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"timm {timm.__version__}; random weights; one thread). The timm models are listed in "
         "`results/zoo_timm_models.txt` (the smallest model of every timm family that contains a BatchNorm, "
@@ -729,9 +735,36 @@ def markdown(rows: list[Row], command: str) -> str:
     refused = [r for r in rows if r.status == "refused"]
     if refused:
         lines += ["## Refusals", ""]
-        lines += [f"- {r.key}: {r.note}" for r in refused]
+        for r in refused:
+            why = DELIBERATE.get(r.key.rpartition("+")[2] if "+" in r.key else "")
+            lines.append(f"- {r.key}: {why + '. The error: ' if why else ''}{r.note}")
         lines.append("")
     return "\n".join(lines)
+
+
+def totals(rows: list[Row]) -> list[str]:
+    """The layers converted by class, the largest errors, and the layers left unfolded by reason."""
+    converted = [r for r in rows if r.converted]
+    by_class: collections.Counter = collections.Counter()
+    left: collections.Counter = collections.Counter()
+    for r in converted:
+        by_class.update(r.norms)
+        left.update(r.left)
+    lines = [f"Norm layers converted: {sum(r.converted for r in converted)} ({_counts(dict(by_class))})."]
+    worst = []
+    for label, attr in (("kept", "kept"), ("fold", "fold"), ("revert", "revert"), ("ONNX", "onnx")):
+        values = [(getattr(r, attr), r.key) for r in converted if getattr(r, attr) is not None]
+        if values:
+            value, key = max(values)
+            worst.append(f"{label} {_err(value)} ({key})")
+    if worst:
+        lines.append(f"Largest relative changes: {'; '.join(worst)}.")
+    if left:
+        lines.append(
+            f"Norm layers left unfolded: {sum(left.values())}, all in place and reported by `mabn.fold`: "
+            f"{_counts(dict(left))}."
+        )
+    return lines
 
 
 # ---- command line ----------------------------------------------------------------------------------
