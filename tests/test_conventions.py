@@ -47,13 +47,14 @@ def test_symbolic_trace_keeps_the_layers_as_calls_and_trains_like_the_original(m
 
 
 def test_feature_extractor_of_a_converted_torchvision_model():
-    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+    from torchvision.models import feature_extraction
+
     model = mabn.convert_model(torchvision.models.resnet18(num_classes=10), "mabn", norm_batch_size=2)
     nodes = feature_extraction.get_graph_node_names(model)[1]
     assert "layer1.0.bn1" in nodes and "layer4.1.bn2" in nodes
     reference = copy.deepcopy(model)
-    seen = []
+    seen = []  # a downsample norm: the others are followed by in-place ReLUs, which change their outputs later
     reference.layer2[0].downsample[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     extractor = feature_extraction.create_feature_extractor(model, {"layer2.0.downsample.1": "bn", "layer4": "deep"})
     x = torch.randn(4, 3, 32, 32)
@@ -62,12 +63,10 @@ def test_feature_extractor_of_a_converted_torchvision_model():
     assert features["deep"].shape == (4, 512, 1, 1)
     assert_close(features["bn"], seen[0])
     assert torch.equal(model.layer2[0].bn1.forward_window, reference.layer2[0].bn1.forward_window)
-    # (a norm followed by an in-place ReLU would show the ReLU's output: torchvision writes its blocks so)
 
 
 def test_fx_post_training_quantization_after_fold():
-    quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
-    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
 
     torch.manual_seed(0)
     model = models.resnet_small(norm_layer="mabn", conv_layer="centralized", width=8, depth=1, norm_batch_size=2)

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torchvision")
-pytest.importorskip("timm")
-
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo.py"
 _spec = importlib.util.spec_from_file_location("zoo", _PATH)
 zoo = sys.modules["zoo"] = importlib.util.module_from_spec(_spec)
@@ -71,7 +68,6 @@ def test_zoo_row_passes(arch, classes):
 
 @pytest.mark.slow
 def test_zoo_row_exports_to_onnx():
-    pytest.importorskip("onnxruntime")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         row = zoo.check(zoo.Arch("timm", CLS, "mobilenetv3_small_050"))
