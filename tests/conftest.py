@@ -39,25 +39,28 @@ def fashion_mnist_dir() -> Path:
 
 
 class Snapshot(NamedTuple):
-    """A copy of a model's state dict and of its modules' types and ``.training`` flags."""
+    """A copy of a model's state dict, its modules' types and ``.training`` flags, and which parameter
+    objects it holds (a conversion that changes nothing keeps the very same ``nn.Parameter`` objects)."""
 
     state: dict[str, torch.Tensor]
     modules: list[tuple[type[nn.Module], bool]]
+    params: list[int]
 
 
 def snapshot(model: nn.Module) -> Snapshot:
     """What :func:`assert_unchanged` compares against later."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Snapshot(state, [(type(m), m.training) for m in model.modules()])
+    return Snapshot(state, [(type(m), m.training) for m in model.modules()], [id(p) for p in model.parameters()])
 
 
 def assert_unchanged(model: nn.Module, before: Snapshot) -> None:
-    """Every state-dict entry equal (bit for bit), the same module types and ``.training`` flags."""
+    """Every state-dict entry equal (bit for bit), the same module types, ``.training`` flags and parameters."""
     after = model.state_dict()
     assert after.keys() == before.state.keys()
     for key, value in before.state.items():
         assert torch.equal(after[key], value), f"{key} changed"
     assert [(type(m), m.training) for m in model.modules()] == before.modules
+    assert [id(p) for p in model.parameters()] == before.params
 
 
 def run_onnx(path: str | Path, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import mabn
@@ -93,6 +94,84 @@ def test_unknown_preserve_value():
         mabn.convert_model(_pretrained(), "mabn", preserve="weights")
 
 
+@pytest.mark.parametrize("norm", ["gn", "ln", "in"])
+def test_preserve_function_refuses_a_per_sample_norm_and_changes_nothing(norm):
+    model = _pretrained()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot keep the function of bn1 \(BatchNorm2d\(8\)\): \w+ normalizes by"):
+        mabn.convert_model(model, norm, preserve="function")
+    assert_unchanged(model, before)
+    mabn.convert_model(model, norm)  # without the promise the conversion is the user's choice
+
+
+def test_preserve_function_converts_a_fresh_affine_free_batchnorm():
+    # A fresh BatchNorm without affine parameters: running mean 0, so there is no shift to keep.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        converted = mabn.convert_model(model, "mabn", preserve="function")
+        assert type(converted[1]) is mabn.MABN2d and converted[1].weight is None
+        torch.testing.assert_close(converted(x), expected)
+
+
+def test_preserve_function_refuses_a_shift_with_nowhere_to_go_and_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False))
+    with torch.no_grad():
+        model(torch.randn(8, 1, 8, 8) * 2 + 1)  # a non-zero running mean in both
+    model.eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot keep the function of 2 \(BatchNorm2d\(4\)\): it shifts its output"):
+        mabn.convert_model(model, "mabn", preserve="function")
+    assert_unchanged(model, before)
+    # A centered target keeps the mean itself: no bias needed.
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        ghost = mabn.convert_model(copy.deepcopy(model), "ghost_bn", preserve="function")
+        torch.testing.assert_close(ghost(x), expected)
+
+
+def test_preserve_function_takes_another_eps_into_account():
+    model = _pretrained()
+    x = torch.randn(4, 1, 12, 12) * 3 + 2
+    with torch.no_grad():
+        expected = model(x)
+        converted = mabn.convert_model(copy.deepcopy(model), "mabn", eps=1e-3, preserve="function")
+        assert converted.bn1.eps == 1e-3
+        torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=1e-5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot keep the function of bn1 .*eps=10.0 exceeds"):
+        mabn.convert_model(model, "mabn", eps=10.0, preserve="function")
+    assert_unchanged(model, before)
+
+
+def test_frozen_bn_loads_a_batchnorm_state_dict_and_a_refused_load_changes_nothing():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(12)
+    frozen = mabn.FrozenBatchNorm2d(4)
+    result = frozen.load_state_dict(bn.state_dict())  # num_batches_tracked dropped, as torchvision's does
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(frozen(x), bn.eval()(x))
+    # Refused loads leave every buffer as it was: a wrong shape, a missing entry, a foreign one.
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    wrong_shape = {**bn.state_dict(), "running_var": torch.ones(5), "weight": torch.zeros(4)}
+    missing = {k: torch.zeros_like(v) for k, v in bn.state_dict().items() if k != "running_mean"}
+    foreign = {**{k: torch.zeros_like(v) for k, v in bn.state_dict().items()}, "forward_window": torch.zeros(1)}
+    for bad, message in [(wrong_shape, "size mismatch running_var"), (missing, "Missing key"),
+                         (foreign, "unexpected forward_window")]:  # fmt: skip
+        with pytest.raises(RuntimeError, match=message):
+            frozen.load_state_dict(bad)
+        for key, value in before.items():
+            assert torch.equal(frozen.state_dict()[key], value), (message, key)
+
+
 # ---- frozen BatchNorm ---------------------------------------------------------------------------
 
 
@@ -131,21 +210,52 @@ def test_frozen_bn_is_the_eval_map_of_bn_in_both_modes(dim, shape):
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # nothing updated
 
 
+@pytest.fixture
+def foreign_frozen_registered():
+    """ForeignFrozenBN registered as a frozen BatchNorm for the test, and forgotten afterwards."""
+    mabn.register_norm_adapter(ForeignFrozenBN, kind="frozen", dim=2)
+    yield
+    mabn.unregister_norm_adapter(ForeignFrozenBN)
+
+
+def _with_foreign_frozen(frozen: nn.Module) -> nn.Module:
+    """Swap every mabn.FrozenBatchNorm2d of ``frozen`` for the foreign class with the same buffers."""
+    for name, m in list(frozen.named_modules()):
+        if isinstance(m, mabn.FrozenBatchNorm2d):
+            foreign = ForeignFrozenBN(m.num_features)
+            foreign.load_state_dict(m.state_dict())
+            parent, _, leaf = name.rpartition(".")
+            frozen.get_submodule(parent)._modules[leaf] = foreign.eval()
+    return frozen
+
+
+def test_unregistered_foreign_frozen_bn_is_refused_and_nothing_changes():
+    model = _with_foreign_frozen(mabn.convert_model(_pretrained(), "frozen_bn"))
+    before, types = _state(model), [type(m) for m in model.modules()]
+    for call in (
+        lambda: mabn.convert_model(model, "mabn", norm_batch_size=2),
+        lambda: mabn.recalibrate(model, [torch.randn(2, 1, 12, 12)]),
+    ):
+        with pytest.raises(ValueError, match=r"bn1 \(test_finetune.ForeignFrozenBN\).*register_norm_adapter"):
+            call()
+        assert [type(m) for m in model.modules()] == types
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # fold leaves what it does not know in place, and says so.
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [] and "of an unknown class" in report.unfolded[0][2]
+
+
 @pytest.mark.parametrize("frozen_cls", [mabn.FrozenBatchNorm2d, ForeignFrozenBN])
-def test_frozen_round_trip_through_any_layer(frozen_cls):
+def test_frozen_round_trip_through_any_layer(frozen_cls, foreign_frozen_registered):
     model = _pretrained()
     x = torch.randn(4, 1, 12, 12) * 3 + 2
     with torch.no_grad():
         expected = model(x)
     frozen = mabn.convert_model(copy.deepcopy(model), "frozen_bn")
-    if frozen_cls is ForeignFrozenBN:  # swap in the foreign class with the same buffers
-        for name, m in list(frozen.named_modules()):
-            if isinstance(m, mabn.FrozenBatchNorm2d):
-                foreign = ForeignFrozenBN(m.num_features)
-                foreign.load_state_dict(m.state_dict())
-                parent, _, leaf = name.rpartition(".")
-                frozen.get_submodule(parent)._modules[leaf] = foreign.eval()
-    assert all(mabn.is_frozen_batch_norm(m) for m in frozen.modules() if "bn" in type(m).__name__.lower())
+    if frozen_cls is ForeignFrozenBN:
+        frozen = _with_foreign_frozen(frozen)
+    norms = [m for m in frozen.modules() if type(m).__name__.endswith(("BatchNorm2d", "FrozenBN"))]
+    assert norms and all(type(m) is frozen_cls and mabn.is_frozen_batch_norm(m) for m in norms)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), expected)
         back = mabn.convert_model(copy.deepcopy(frozen), "bn").eval()
@@ -153,6 +263,9 @@ def test_frozen_round_trip_through_any_layer(frozen_cls):
         torch.testing.assert_close(back(x), expected)
         kept = mabn.convert_model(copy.deepcopy(frozen), "mabn", norm_batch_size=2, preserve="function").eval()
         torch.testing.assert_close(kept(x), expected, atol=1e-5, rtol=1e-5)
+        reverted = mabn.revert_model(kept)  # the classes the model had before: BN frozen by mabn, or the foreign one
+        assert type(reverted.bn1) is (nn.BatchNorm2d if frozen_cls is mabn.FrozenBatchNorm2d else ForeignFrozenBN)
+        torch.testing.assert_close(reverted(x), expected, atol=1e-5, rtol=1e-5)
         folded = mabn.fold(copy.deepcopy(frozen))
         assert not any(mabn.is_frozen_batch_norm(m) for m in folded.modules())
         torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)

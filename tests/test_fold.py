@@ -220,6 +220,47 @@ def test_untraceable_model_falls_back_to_the_structure():
             assert rel_error(folded(x), model(x)) <= 1e-12
 
 
+class _ConvBlock(nn.Module):
+    """Neither an nn.Sequential nor a block of mabn.models: its pairs are known only from its trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.bn2 = (
+            nn.Conv2d(3, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4),
+        )
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.bn2(self.conv2(y)) + y
+
+
+class _ListInput(nn.Module):
+    """A detection-style model: takes a list (untraceable), its parts trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _ConvBlock()
+
+    def forward(self, images):
+        return [self.body(x[None])[0] for x in images]
+
+
+def test_an_untraceable_model_is_searched_part_by_part():
+    model = _ListInput().double()
+    calibrate(model.body, torch.randn(4, 3, 5, 5, dtype=F64))
+    model.eval()
+    folded, report = mabn.fold(model, return_report=True)
+    assert not report.traced and "Proxy" in report.trace_error
+    assert sorted(report.folded) == [("body.conv", "body.bn"), ("body.conv2", "body.bn2")]
+    images = [torch.randn(3, 5, 5, dtype=F64) for _ in range(2)]
+    with torch.no_grad():
+        for got, expected in zip(folded(images), model(images)):
+            assert rel_error(got, expected) <= 1e-12
+
+
 def test_model_that_is_a_single_norm():
     layer = mabn.MABN2d(3).eval()
     folded, report = mabn.fold(layer, return_report=True)

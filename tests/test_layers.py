@@ -384,6 +384,7 @@ def test_ghost_bn_loads_torch_batchnorm_checkpoint_both_ways():
         "recompute",
         "_kernels",
         "frozen",
+        "adapters",
         "recalibrate",
         "models.segmentation",
         "conv",

@@ -164,12 +164,14 @@ def test_refused_state_dict_leaves_the_layer_as_it_was():
     with pytest.raises(RuntimeError, match="size mismatch forward_window"):
         layer.load_state_dict(bad)
     assert torch.equal(layer.weight, before["weight"])
-    # A partial state dict: all of the layer's keys or none, also when loading non-strictly.
-    result = layer.load_state_dict({"weight": torch.full((4,), 2.0)}, strict=False)
-    assert torch.equal(layer.weight, before["weight"]) and "bias" in result.missing_keys
+    # A partial state dict under strict=True: all of the layer's keys or none.
     with pytest.raises(RuntimeError, match="Missing key"):
         layer.load_state_dict({"weight": torch.full((4,), 2.0)})
     assert torch.equal(layer.weight, before["weight"])
+    # Non-strictly, as torch's layers: the present keys load, the missing ones are reported.
+    result = layer.load_state_dict({"weight": torch.full((4,), 2.0)}, strict=False)
+    assert torch.equal(layer.weight, torch.full((4,), 2.0)) and "bias" in result.missing_keys
+    assert torch.equal(layer.forward_window, before["forward_window"])
 
 
 def test_version_1_state_dicts_load_into_the_current_layers():

@@ -162,7 +162,7 @@ def test_imagenet_layout_folds_exactly():
 
 
 def test_structural_fallback_folds_the_whole_model(monkeypatch):
-    def untraceable(model):
+    def untraceable(*args):
         raise RuntimeError("pretend torch.fx cannot trace this model")
 
     monkeypatch.setattr(fold_module, "_pairs_from_trace", untraceable)

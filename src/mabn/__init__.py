@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import models
+from . import adapters, models
+from .adapters import NormAdapter, is_frozen_batch_norm, register_norm_adapter, unregister_norm_adapter
 from .config import PRESETS, NormConfig
 from .conv import CENTRALIZED, CONV_CHOICES, CenConv1d, CenConv2d, CenConv3d, CenLinear, centralize_weight
-from .convert import convert_model, revert_model
+from .convert import convert_model, is_norm_layer, revert_model
 from .factory import NORM_NAMES, create_norm_layer
 from .fold import FoldReport, fold, to_batchnorm
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_frozen_batch_norm
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .functional import NormState, stream_norm
 from .modules import (
     BatchRenorm1d,
@@ -82,6 +83,11 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "is_frozen_batch_norm",
+    "is_norm_layer",
+    "register_norm_adapter",
+    "unregister_norm_adapter",
+    "NormAdapter",
+    "adapters",
     "CenConv1d",
     "CenConv2d",
     "CenConv3d",

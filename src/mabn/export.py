@@ -77,6 +77,15 @@ def _dynamic(example: Tensor, dynamic_batch: bool, dynamic_spatial: bool) -> tup
     return example, ((dims,) if dims else None)
 
 
+# ONNX files are protocol buffers, limited to 2 GiB: larger weights go to a data file next to it.
+_ONNX_SINGLE_FILE_LIMIT = 2**31 - 2**26
+
+
+def _too_large_for_one_file(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) > _ONNX_SINGLE_FILE_LIMIT
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silence the ONNX exporter's progress lines and its notes about optional packages."""
@@ -126,6 +135,9 @@ def export_model(
             ``torch.export`` specializes sizes 0 and 1 and ties equal sizes together.
         opset: ONNX opset version (default: the exporter's).
 
+    An ONNX model whose weights exceed the 2 GiB limit of one ONNX file is written with its weights
+    in a data file next to ``path`` (ONNX's external data; onnxruntime loads both).
+
     Returns:
         The path written.
 
@@ -166,7 +178,7 @@ def export_model(
                 (example,),
                 str(path),
                 dynamo=True,
-                external_data=False,
+                external_data=_too_large_for_one_file(folded),
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_shapes=dynamic_shapes,

@@ -19,21 +19,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections import OrderedDict
 from typing import Any, Literal, overload
 
 import torch
 from torch import fx, nn
 
-from .conv import CENTRALIZED, is_centralized
-from .convert import _finish, _retype, norm_dim, revert_model
-from .frozen import is_frozen_batch_norm, num_channels
+from ._layers import post_norm_modules
+from .adapters import check_layout, find_norm_adapter, looks_like_norm, num_channels
+from .conv import is_centralized
+from .convert import PLAIN, carry_flags, is_norm_layer, norm_dim, retype, revert_model
+from .frozen import FROZEN_CLASSES
 from .modules import StreamNorm
 
 __all__ = ["fold", "to_batchnorm", "FoldReport", "check_eval"]
 
 logger = logging.getLogger(__name__)
 
-_PLAIN = {cen: plain for plain, cen in CENTRALIZED.items()}
 _CONV_DIM = {
     nn.Conv1d: 1,
     nn.Conv2d: 2,
@@ -61,9 +63,10 @@ class FoldReport:
         folded: ``(conv name, norm name)`` of every pair folded into one convolution.
         unfolded: ``(norm name, class name, reason)`` of every normalization layer left in the model
             (a ``Linear`` + 1-D norm pair whose shapes were not checked says to pass ``example_input``).
-        traced: True when the pairs were found in a ``torch.fx`` trace of the model; False when the
-            model could not be traced and only ``nn.Sequential`` neighbours and the blocks of
-            :mod:`mabn.models` were used (``trace_error`` says why).
+        traced: True when the pairs were found in a ``torch.fx`` trace of the whole model; False when
+            it could not be traced (``trace_error`` says why) and its parts were searched instead:
+            traces of the sub-modules that trace, ``nn.Sequential`` neighbours and the blocks of
+            :mod:`mabn.models` elsewhere.
         trace_error: the tracing error, or None.
     """
 
@@ -94,14 +97,31 @@ def check_eval(model: nn.Module, what: str) -> None:
 
 def _conv_dim(module: nn.Module) -> int | None:
     """Dimensionality of a convolution or linear layer :func:`fold` can fold into, else None."""
-    cls = _PLAIN.get(type(module), type(module))
+    cls = PLAIN.get(type(module), type(module))
     return _CONV_DIM.get(cls) if cls in _CONV_DIM else None
 
 
 def _foldable_norm(module: nn.Module) -> bool:
-    if isinstance(module, StreamNorm) or is_frozen_batch_norm(module):
+    """An evaluation-mode affine map per channel that :func:`fold` knows exactly."""
+    if isinstance(module, StreamNorm):
         return True
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+    adapter = find_norm_adapter(module)
+    if adapter is None or adapter.kind == "keep":
+        return False
+    try:
+        check_layout("", module, adapter)
+    except ValueError:
+        return False  # e.g. no running statistics: not an affine map
+    return True
+
+
+def _post_norm(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules a foldable norm applies after the normalization (name -> module, in order)."""
+    if isinstance(module, (StreamNorm, *FROZEN_CLASSES)):
+        return post_norm_modules(module)
+    adapter = find_norm_adapter(module)
+    names = adapter.post_norm if adapter is not None else ()
+    return {n: module._modules[n] for n in names if module._modules.get(n) is not None}
 
 
 def _compatible(conv: nn.Module, norm: nn.Module) -> bool:
@@ -120,7 +140,7 @@ class _Tracer(fx.Tracer):
     """Keeps this package's layers as single calls, so they show up as modules in the graph."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, StreamNorm) or is_centralized(m) or is_frozen_batch_norm(m):
+        if isinstance(m, StreamNorm) or is_centralized(m) or is_norm_layer(m) or looks_like_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -133,21 +153,24 @@ def _unique_names(model: nn.Module) -> dict[int, str]:
     return {key: names[0] for key, names in seen.items() if len(names) == 1}
 
 
-def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
-    graph = _Tracer().trace(model)
-    unique = _unique_names(model)
+def _pairs_from_trace(module: nn.Module, unique: dict[int, str]) -> list[tuple[str, str]]:
+    """The (conv, norm) pairs of a ``torch.fx`` trace of ``module`` (raises when it cannot be traced).
+
+    ``unique`` names the modules of the whole model that appear once in it.
+    """
+    graph = _Tracer().trace(module)
     calls: dict[int, int] = {}
     attrs: set[int] = set()
     for node in graph.nodes:
         if node.op == "call_module":
-            key = id(model.get_submodule(node.target))
+            key = id(module.get_submodule(node.target))
             calls[key] = calls.get(key, 0) + 1
         elif node.op == "get_attr":
             # A parameter or buffer read directly by the forward pins its module.
             parts = node.target.split(".")
             for i in range(1, len(parts)):
                 try:
-                    attrs.add(id(model.get_submodule(".".join(parts[:i]))))
+                    attrs.add(id(module.get_submodule(".".join(parts[:i]))))
                 except AttributeError:
                     break
     pairs = []
@@ -157,15 +180,25 @@ def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
         prev = node.args[0]
         if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
             continue
-        conv, norm = model.get_submodule(prev.target), model.get_submodule(node.target)
+        conv, norm = module.get_submodule(prev.target), module.get_submodule(node.target)
         ok = all(id(m) in unique and calls.get(id(m)) == 1 and id(m) not in attrs for m in (conv, norm))
         if ok and _compatible(conv, norm):
             pairs.append((unique[id(conv)], unique[id(norm)]))
     return pairs
 
 
-def _pairs_from_structure(model: nn.Module) -> list[tuple[str, str]]:
-    """Pairs whose data flow is known without a trace: ``nn.Sequential`` neighbours and ResNet blocks.
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential``, or a subclass that does not change its forward (torchvision's Conv2dNormActivation)."""
+    for cls in type(module).__mro__:
+        if cls is nn.Sequential:
+            return True
+        if "forward" in cls.__dict__:
+            return False
+    return False
+
+
+def _structural_pairs(module: nn.Module, prefix: str, unique: dict[int, str]) -> list[tuple[str, str]]:
+    """Pairs of ``module`` itself whose data flow is known without a trace: sequential neighbours, ResNet blocks.
 
     This covers every pair of :mod:`mabn.models`: the ResNets' stems and blocks (``convK`` -> ``bnK``),
     their shortcuts, and the decoder of :class:`~mabn.models.SegmentationFPN`, whose lateral,
@@ -173,23 +206,47 @@ def _pairs_from_structure(model: nn.Module) -> list[tuple[str, str]]:
     """
     from .models import BasicBlock, Bottleneck, ResNet
 
-    unique = _unique_names(model)
+    candidates: list[tuple[str, str]] = []
+    if _plain_sequential(module):
+        keys = list(module._modules)
+        candidates = list(zip(keys, keys[1:]))
+    elif type(module) in (BasicBlock, Bottleneck, ResNet):
+        candidates = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"conv{i}")]
     pairs = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        candidates: list[tuple[str, str]] = []
-        if type(module) is nn.Sequential:
-            keys = list(module._modules)
-            candidates = list(zip(keys, keys[1:]))
-        elif type(module) in (BasicBlock, Bottleneck, ResNet):
-            candidates = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"conv{i}")]
-        for a, b in candidates:
-            conv, norm = module._modules.get(a), module._modules.get(b)
-            if conv is None or norm is None or id(conv) not in unique or id(norm) not in unique:
-                continue
-            if _compatible(conv, norm):
-                pairs.append((prefix + a, prefix + b))
+    for a, b in candidates:
+        conv, norm = module._modules.get(a), module._modules.get(b)
+        if conv is None or norm is None or id(conv) not in unique or id(norm) not in unique:
+            continue
+        if _compatible(conv, norm):
+            pairs.append((prefix + a, prefix + b))
     return pairs
+
+
+def _find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
+    """The pairs to fold and the error of tracing the whole model (None when it traced).
+
+    A model that cannot be traced (data-dependent control flow, list inputs) is searched part by
+    part: each sub-module that traces gives the pairs of its trace, the others their structural
+    pairs and then their own children.
+    """
+    unique = _unique_names(model)
+    try:
+        return _pairs_from_trace(model, unique), None
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: look at the parts
+        error = f"{type(exc).__name__}: {exc}"
+
+    def search(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
+        pairs = _structural_pairs(module, prefix, unique)
+        for name, child in module.named_children():
+            if child is None or not any(True for _ in child.children()):
+                continue
+            try:
+                pairs += _pairs_from_trace(child, unique)
+            except Exception:  # noqa: BLE001 - this part does not trace either: its parts then
+                pairs += search(child, f"{prefix}{name}.")
+        return pairs
+
+    return list(dict.fromkeys(search(model, ""))), error
 
 
 def _example_args(example_input: Any) -> tuple[Any, ...] | None:
@@ -289,7 +346,7 @@ def _fused(conv: nn.Module, norm: nn.Module) -> nn.Module:
         new_weight = (grouped * scale.view(groups, 1, shape[1], *ones)).reshape(shape)
     else:
         new_weight = weight.to(work) * scale.view(-1, 1, *ones)
-    new = _retype(conv, _PLAIN.get(type(conv), type(conv)))
+    new = retype(conv, PLAIN.get(type(conv), type(conv)))
     grad = conv.weight.requires_grad
     new._parameters["weight"] = nn.Parameter(new_weight.to(dtype=dtype, device=device), requires_grad=grad)
     new._parameters["bias"] = nn.Parameter(shift.to(dtype=dtype, device=device), requires_grad=grad)
@@ -309,7 +366,21 @@ def _reason(module: nn.Module) -> str:
         return "statistics of each sample: not an affine map, cannot fold"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is None:
         return "no running statistics (track_running_stats=False): cannot fold"
+    adapter = find_norm_adapter(module)
+    if adapter is not None and adapter.kind == "keep":
+        return "registered with kind='keep': left as it is"
+    why = None if adapter is not None else looks_like_norm(module)
+    if why is not None:
+        return f"{why}, of an unknown class: left as it is (mabn.register_norm_adapter makes it foldable)"
     return "not preceded by a convolution whose output only it reads"
+
+
+def _left_norm(module: nn.Module) -> bool:
+    """A normalization layer (known or not) that :func:`fold` reports when it stays in the model."""
+    if isinstance(module, _OTHER_NORMS) or is_norm_layer(module) or looks_like_norm(module) is not None:
+        return True
+    adapter = find_norm_adapter(module)
+    return adapter is not None  # kind "keep"
 
 
 @overload
@@ -326,10 +397,12 @@ def fold(
     """A copy of ``model`` with every foldable norm layer folded into the convolution before it.
 
     Folds every ``nn.Conv1d/2d/3d`` (plain or weight-centralized, the centering baked in) and every
-    ``nn.ConvTranspose1d/2d/3d`` directly followed by an evaluation-mode ``MABN*d``,
-    ``GhostBatchNorm*d``, ``BatchRenorm*d``, ``GeneralBatchNorm*d``, ``nn.BatchNorm*d`` or
-    ``nn.SyncBatchNorm`` into one plain ``nn.Conv*d`` / ``nn.ConvTranspose*d`` with bias (see the
-    module docstring for the formula); the norm becomes ``nn.Identity``.
+    ``nn.ConvTranspose1d/2d/3d`` directly followed by an evaluation-mode norm layer with running
+    statistics (every layer of this package, torch's ``BatchNorm*d`` and ``SyncBatchNorm``, frozen
+    BatchNorms, and the classes :mod:`mabn.adapters` knows, such as timm's ``BatchNormAct2d``) into
+    one plain ``nn.Conv*d`` / ``nn.ConvTranspose*d`` with bias (see the module docstring for the
+    formula). The norm becomes ``nn.Identity``, or, when it applied modules after the
+    normalization (an activation, dropout), an ``nn.Sequential`` of those modules under their names.
 
     ``nn.Linear`` followed by a 1-D norm folds only when that is provably the same function: the
     norm scales dim 1 and the Linear's outputs are the last dim, which agree for 2-D (N, C) inputs
@@ -339,13 +412,16 @@ def fold(
 
     "Directly followed" is read from a ``torch.fx`` trace of the model: the conv's output must feed
     the norm and nothing else, and neither module may be shared or called twice. A model that
-    cannot be traced (data-dependent control flow) falls back to ``nn.Sequential`` neighbours and
-    the blocks of :mod:`mabn.models` (which covers every model of :mod:`mabn.models`).
+    cannot be traced (data-dependent control flow, a detection model's list inputs) is searched part
+    by part: every sub-module that traces is read from its trace, and elsewhere ``nn.Sequential``
+    neighbours and the blocks of :mod:`mabn.models` fold (which covers every model of
+    :mod:`mabn.models`).
 
     Afterwards nothing of this package is left: every remaining weight-centralized layer becomes
     the plain layer with centered weights, and every remaining layer of this package that could not
-    fold becomes the equivalent ``nn.BatchNorm*d`` (:func:`to_batchnorm`). Norm layers that cannot
-    fold (GroupNorm, LayerNorm, InstanceNorm, a BatchNorm not after a conv) stay and are reported:
+    fold becomes the class it was converted from, or the equivalent ``nn.BatchNorm*d``
+    (:func:`to_batchnorm`). Norm layers that cannot fold (GroupNorm, LayerNorm, InstanceNorm, a
+    BatchNorm not after a conv, a BatchNorm-like layer of an unknown class) stay and are reported:
     returned in a :class:`FoldReport` with ``return_report=True``, else logged as a warning on the
     ``mabn.fold`` logger. The caller's model is not changed.
 
@@ -383,21 +459,21 @@ def fold(
     args = _example_args(example_input)
     model = copy.deepcopy(model)
     report = FoldReport()
-    try:
-        pairs = _pairs_from_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the structural fallback
-        report.traced, report.trace_error = False, f"{type(exc).__name__}: {exc}"
-        pairs = _pairs_from_structure(model)
+    pairs, error = _find_pairs(model)
+    if error is not None:
+        report.traced, report.trace_error = False, error
     pairs, reasons = _check_linear_pairs(model, pairs, args)
     for conv_name, norm_name in pairs:
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-        _set(model, conv_name, _finish(conv, _fused(conv, norm)))
-        _set(model, norm_name, _finish(norm, nn.Identity()))
+        _set(model, conv_name, carry_flags(conv, _fused(conv, norm)))
+        # What the norm applied after the normalization (an activation, dropout) stays in its place.
+        post = _post_norm(norm)
+        _set(model, norm_name, carry_flags(norm, nn.Sequential(OrderedDict(post)) if post else nn.Identity()))
         report.folded.append((conv_name, norm_name))
     # What is left of this package becomes plain torch layers computing the same.
     model = revert_model(model, centered_weights=True)
     for name, m in model.named_modules():
-        if isinstance(m, (*_OTHER_NORMS, nn.modules.batchnorm._BatchNorm)) or is_frozen_batch_norm(m):
+        if _left_norm(m):
             report.unfolded.append((name, type(m).__name__, reasons.get(name) or _reason(m)))
     if report.unfolded and not return_report:
         kept = ", ".join(f"{name or '<model>'} ({cls})" for name, cls, _ in report.unfolded[:8])
@@ -409,13 +485,15 @@ def fold(
 def to_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with this package's layers rewritten as plain torch layers, same outputs.
 
-    Every evaluation-mode layer of the family becomes ``nn.BatchNorm1d/2d/3d`` with the same affine
+    Every evaluation-mode layer of the family becomes the class it was converted from
+    (:func:`mabn.revert_model`), or ``nn.BatchNorm1d/2d/3d`` when built directly, with the same affine
     parameters and ``eps``: centered presets keep their running statistics, uncentered ones (MABN)
     get ``running_mean = 0`` and ``running_var = R``. Every weight-centralized layer becomes the
     plain ``nn.Conv*d`` / ``nn.Linear`` with the centered weight. The result computes what the model
     did, and torch's deployment tools apply to it: ``torch.nn.utils.fusion.fuse_conv_bn_eval``,
-    ``torch.ao.quantization.fuse_modules``, ONNX and TorchScript export. The caller's model is not
-    changed.
+    ``torch.ao.quantization.fuse_modules``, ONNX and TorchScript export (a layer converted from a
+    norm+activation class comes back as that class, which ``fuse_conv_bn_eval`` would not keep the
+    activation of: use :func:`fold` there). The caller's model is not changed.
 
     Args:
         model: a model in evaluation mode (every sub-module).

@@ -3,8 +3,8 @@ r"""Frozen BatchNorm: the evaluation-mode map of a BatchNorm with fixed statisti
 The usual way to fine-tune a pretrained BatchNorm backbone at 1-2 images per device: the layer
 computes :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta` with all four vectors
 held as buffers, in training and evaluation alike, so neither the tiny batches nor the optimizer
-change it. Other libraries' frozen-BN classes (detectron2's and torchvision's ``FrozenBatchNorm2d``)
-are recognized by :func:`is_frozen_batch_norm` from their buffers.
+change it. Other libraries' frozen-BN classes (torchvision's, timm's and detectron2's) are known to
+the converters through :mod:`mabn.adapters`.
 """
 
 from __future__ import annotations
@@ -15,40 +15,21 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_num_features
+from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "is_frozen_batch_norm"]
-
-_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
-
-
-def is_frozen_batch_norm(module: nn.Module) -> bool:
-    """True for a frozen BatchNorm of any library: buffers ``weight``, ``bias``, ``running_mean`` and
-    ``running_var`` of one length, and no parameters of its own (nothing it could learn).
-
-    Example::
-
-        >>> import mabn, torch
-        >>> mabn.is_frozen_batch_norm(mabn.FrozenBatchNorm2d(4)), mabn.is_frozen_batch_norm(torch.nn.BatchNorm2d(4))
-        (True, False)
-    """
-    if isinstance(module, _FrozenBatchNorm):
-        return True
-    if isinstance(module, nn.modules.batchnorm._NormBase) or any(True for _ in module.parameters(recurse=False)):
-        return False
-    buffers = [module._buffers.get(name) for name in _FROZEN_BUFFERS]
-    if not all(isinstance(b, Tensor) and b.dim() == 1 for b in buffers):
-        return False
-    return len({b.numel() for b in buffers}) == 1
-
-
-def num_channels(module: nn.Module) -> int:
-    """The channel count of a norm layer: ``num_features``, or the length of a frozen BN's statistics."""
-    n = getattr(module, "num_features", None)
-    return int(n) if n is not None else module.running_var.numel()
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FROZEN_CLASSES"]
 
 
 class _FrozenBatchNorm(nn.Module):
-    _dims: tuple[int, ...] = ()
+    """The state and the map shared by :class:`FrozenBatchNorm1d`, ``2d`` and ``3d``."""
+
+    # What BatchNorm tooling reads: an affine layer whose running statistics are always used.
+    affine = True
+    momentum = None
+    # Names of child modules applied after the map (a converted norm+activation layer's dropout
+    # and activation); empty for a layer built directly.
+    post_norm: tuple[str, ...] = ()
+    __jit_unused_properties__ = ["track_running_stats"]
 
     def __init__(
         self,
@@ -70,18 +51,17 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
-    # What BatchNorm tooling reads: an affine layer whose running statistics are always used.
-    affine = True
-    track_running_stats = True
-    momentum = None
+    @property
+    def track_running_stats(self) -> bool:
+        """Always True: the running statistics are the layer (setting False raises ``ValueError``)."""
+        return True
+
+    @track_running_stats.setter
+    def track_running_stats(self, value: bool) -> None:
+        check_track_running_stats(self, value)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(input).__name__}")
-        if input.dim() not in self._dims:
-            raise ValueError(f"{type(self).__name__} expects {self._expected} input, got {input.dim()}-D")
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} channels")
+        raise NotImplementedError
 
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
         """The per-channel ``(scale, shift)`` with ``y = scale * x + shift``."""
@@ -89,56 +69,160 @@ class _FrozenBatchNorm(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if is_proxy(input):
+                return leaf_call(self, input)
+            if not isinstance(input, Tensor):
+                raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"got input with {input.shape[1]} channels for {self.num_features} features")
         scale, shift = self.scale_and_shift()
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        return input * scale.to(input.dtype).view(shape) + shift.to(input.dtype).view(shape)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        output = input * scale.to(input.dtype).reshape(shape) + shift.to(input.dtype).reshape(shape)
+        if not torch.jit.is_scripting():
+            if self.post_norm:
+                output = run_post_norm(self, output)
+        return output
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.post_norm:
+            raise TypeError(
+                f"{type(self).__name__} with post-norm modules {self.post_norm} cannot be scripted: "
+                "script mabn.fold(model) (or mabn.revert_model) instead"
+            )
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A BatchNorm's state dict loads as it is: its call counter means nothing here.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        if load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
 
-_DOC = r"""Frozen BatchNorm over {dims} input: fixed statistics and affine parameters, in training as in evaluation.
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    r"""Frozen BatchNorm over 2-D or 3-D input: fixed statistics and affine parameters.
 
-.. math::
-    y = \gamma \frac{{x - \mu}}{{\sqrt{{\sigma^2 + \epsilon}}}} + \beta
+    .. math::
+        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
-with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean`` (:math:`\mu`) and
-``running_var`` (:math:`\sigma^2`) all buffers: nothing is learned and no statistic is updated.
-:func:`mabn.convert_model` (``norm="frozen_bn"``) freezes a trained BatchNorm or any layer of this
-package into it (exactly its evaluation-mode map) and turns it back into a trainable layer;
-:func:`mabn.fold` folds it into the preceding convolution.
+    per channel, with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean``
+    (:math:`\mu`) and ``running_var`` (:math:`\sigma^2`) all buffers, in training as in evaluation:
+    nothing is learned and no statistic is updated. The frozen form of :class:`torch.nn.BatchNorm1d`;
+    ``mabn.convert_model(model, "frozen_bn")`` freezes a model's norm layers into it.
 
-Args:
-    num_features: number of channels C.
-    eps: added to the variance. Default: ``1e-5``.
-    device: device of the buffers.
-    dtype: dtype of the buffers.
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        device: device of the buffers. Default: ``None`` (torch's default device).
+        dtype: dtype of the buffers. Default: ``None`` (torch's default dtype).
 
-Shape:
-    - Input: {shape}
-    - Output: the same shape as the input.
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`.
+        - Output: the shape of the input.
 
-Example::
+    Example::
 
-    >>> import torch, mabn
-    >>> layer = mabn.{name}(4)
-    >>> layer.running_var.fill_(4.0)  # doctest: +ELLIPSIS
-    tensor(...)
-    >>> x = torch.randn({example})
-    >>> torch.allclose(layer(x), x / (4.0 + 1e-5) ** 0.5)
-    True
-"""
+        >>> import torch, mabn
+        >>> layer = mabn.FrozenBatchNorm1d(4)
+        >>> _ = layer.running_var.fill_(4.0)
+        >>> x = torch.randn(2, 4, 5)
+        >>> torch.allclose(layer(x), x / (4.0 + 1e-5) ** 0.5)
+        True
+    """
 
-
-def _frozen(d: int, dims: tuple[int, ...], expected: str, shape: str, example: str) -> type[_FrozenBatchNorm]:
-    name = f"FrozenBatchNorm{d}d"
-    cls = type(name, (_FrozenBatchNorm,), {"__module__": __name__, "__qualname__": name})
-    cls._dims, cls._expected = dims, expected
-    cls.__doc__ = _DOC.format(dims=expected, shape=shape, name=name, example=example)
-    return cls
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"FrozenBatchNorm1d expects 2-D or 3-D input, got {input.dim()}-D")
 
 
-FrozenBatchNorm1d = _frozen(1, (2, 3), "2-D or 3-D", ":math:`(N, C)` or :math:`(N, C, L)`", "2, 4, 5")
-FrozenBatchNorm2d = _frozen(2, (4,), "4-D", ":math:`(N, C, H, W)`", "2, 4, 3, 3")
-FrozenBatchNorm3d = _frozen(3, (5,), "5-D", ":math:`(N, C, D, H, W)`", "2, 4, 2, 3, 3")
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    r"""Frozen BatchNorm over 4-D input: fixed statistics and affine parameters.
+
+    .. math::
+        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    per channel, with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean``
+    (:math:`\mu`) and ``running_var`` (:math:`\sigma^2`) all buffers, in training as in evaluation:
+    nothing is learned and no statistic is updated. The frozen form of :class:`torch.nn.BatchNorm2d`
+    (the same state as torchvision's ``FrozenBatchNorm2d``: a BatchNorm2d state dict loads into it,
+    its ``num_batches_tracked`` dropped); ``mabn.convert_model(model, "frozen_bn")`` freezes a model's
+    norm layers into it, and :func:`mabn.fold` folds it into the convolution before it.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        device: device of the buffers. Default: ``None`` (torch's default device).
+        dtype: dtype of the buffers. Default: ``None`` (torch's default dtype).
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`.
+        - Output: the shape of the input.
+
+    Example::
+
+        >>> import torch, mabn
+        >>> bn = torch.nn.BatchNorm2d(4).eval()
+        >>> _ = bn.running_var.fill_(4.0)
+        >>> layer = mabn.FrozenBatchNorm2d(4)
+        >>> layer.load_state_dict(bn.state_dict())
+        <All keys matched successfully>
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.allclose(layer(x), bn(x))
+        True
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"FrozenBatchNorm2d expects 4-D input, got {input.dim()}-D")
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    r"""Frozen BatchNorm over 5-D input: fixed statistics and affine parameters.
+
+    .. math::
+        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    per channel, with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean``
+    (:math:`\mu`) and ``running_var`` (:math:`\sigma^2`) all buffers, in training as in evaluation:
+    nothing is learned and no statistic is updated. The frozen form of :class:`torch.nn.BatchNorm3d`;
+    ``mabn.convert_model(model, "frozen_bn")`` freezes a model's norm layers into it.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance. Default: ``1e-5``.
+        device: device of the buffers. Default: ``None`` (torch's default device).
+        dtype: dtype of the buffers. Default: ``None`` (torch's default dtype).
+
+    Shape:
+        - Input: :math:`(N, C, D, H, W)`.
+        - Output: the shape of the input.
+
+    Example::
+
+        >>> import torch, mabn
+        >>> layer = mabn.FrozenBatchNorm3d(4)
+        >>> _ = layer.bias.fill_(1.0)
+        >>> x = torch.randn(2, 4, 2, 3, 3)
+        >>> torch.allclose(layer(x), x / (1 + 1e-5) ** 0.5 + 1.0)
+        True
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"FrozenBatchNorm3d expects 5-D input, got {input.dim()}-D")
+
+
+#: The frozen layers of this package, 1-D to 3-D.
+FROZEN_CLASSES: tuple[type[nn.Module], type[nn.Module], type[nn.Module]] = (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._checks import check_num_features
 from ._kernels import HALF, stat_dtype
+from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
 from .config import PRESETS, NormConfig
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .functional import ACCUMULATION_FIELDS, STATISTICS_FIELDS, STREAM_FIELDS, NormState, stream_norm
@@ -92,8 +93,19 @@ class StreamNorm(nn.Module):
     """
 
     _version = 2
-    track_running_stats: ClassVar[bool] = True
     config: NormConfig
+    # Names of child modules applied after the normalization (a converted norm+activation layer's
+    # dropout and activation, see mabn.adapters); empty for a layer built directly.
+    post_norm: tuple[str, ...] = ()
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Always True: the layer keeps and uses running statistics (setting False raises ``ValueError``)."""
+        return True
+
+    @track_running_stats.setter
+    def track_running_stats(self, value: bool) -> None:
+        check_track_running_stats(self, value)
 
     #: The input dimensionalities a subclass takes (empty: any (N, C, *)) and how its messages say so.
     _input_dims: ClassVar[tuple[int, ...]] = ()
@@ -228,6 +240,8 @@ class StreamNorm(nn.Module):
             raise ValueError(f"expected {dims} input {self._input_shape}, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_proxy(input):  # a torch.fx trace: this layer is one call_module node of the graph
+            return leaf_call(self, input)
         if not isinstance(input, Tensor):
             raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
@@ -235,7 +249,7 @@ class StreamNorm(nn.Module):
         if self.process_group is not None and self.training:
             check = True if self._sync_calls == 0 else None  # every call on CPU, the first one elsewhere
             self._sync_calls += 1
-        return stream_norm(
+        output = stream_norm(
             input,
             self.weight,
             self.bias,
@@ -245,6 +259,7 @@ class StreamNorm(nn.Module):
             process_group=self.process_group,
             sync_check=check,
         )
+        return run_post_norm(self, output) if self.post_norm else output
 
     def _apply(self, fn: Any, recurse: bool = True) -> StreamNorm:
         # model.half() and .to(torch.bfloat16) cast the parameters; the statistics stay in float32.
@@ -295,9 +310,8 @@ class StreamNorm(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_var.device)
         if version is not None and version < 2:
             _migrate_v1(state_dict, prefix)
-        # All of this layer's keys or none: a refused load (missing, foreign or misshaped entries)
-        # copies nothing, so the layer stays as it was.
-        if not _check_keys(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+        # All of this layer's keys or none (see load_all_or_nothing): a refused load copies nothing.
+        if not load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
             return
         errors = len(error_msgs)
         super()._load_from_state_dict(
@@ -329,47 +343,6 @@ def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
             "which are reset",
             stacklevel=4,
         )
-
-
-def _check_keys(
-    module: StreamNorm, state_dict: dict[str, Any], prefix: str, missing: list, unexpected: list, errors: list
-) -> bool:
-    """Compare this layer's own keys and shapes with ``state_dict`` before anything is copied."""
-    expected = {name: t for name, t in module._parameters.items() if t is not None}
-    expected.update(
-        (n, t) for n, t in module._buffers.items() if t is not None and n not in module._non_persistent_buffers_set
-    )
-    present = {k[len(prefix) :] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix) :]}
-    lacking = sorted(set(expected) - present)
-    extra = sorted(present - set(expected))
-    shapes = [
-        f"{name}: {tuple(state_dict[prefix + name].shape)} instead of {tuple(t.shape)}"
-        for name, t in expected.items()
-        if name in present
-        and isinstance(state_dict[prefix + name], Tensor)
-        and state_dict[prefix + name].shape != t.shape
-    ]
-    if not (lacking or extra or shapes):
-        return True
-    missing.extend(prefix + k for k in lacking)
-    unexpected.extend(prefix + k for k in extra)
-    if extra or shapes:  # another kind of layer, or another size: an error even when loading non-strictly
-        detail = "; ".join(
-            part
-            for part in (
-                f"unexpected {', '.join(extra)}" if extra else "",
-                f"missing {', '.join(lacking)}" if lacking else "",
-                f"size mismatch {', '.join(shapes)}" if shapes else "",
-            )
-            if part
-        )
-        hint = ""
-        if extra:
-            hint = " (the state dict of another kind of norm layer: convert the model with mabn.convert_model)"
-        errors.append(
-            f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: {detail}{hint}"
-        )
-    return False
 
 
 # --------------------------------------------------------------------------------------------------

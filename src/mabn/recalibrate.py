@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import check_layout, find_norm_adapter, looks_like_norm, unknown_norm_error
 from .modules import StreamNorm
 
 __all__ = ["recalibrate"]
@@ -54,11 +55,27 @@ class _Moments:
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, StreamNorm) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
-    }
+    """name -> layer of every norm layer with running statistics to re-estimate.
+
+    This package's layers and every BatchNorm the adapters know (torch's, timm's ``BatchNormAct2d``,
+    ...): each normalizes its input, so the input is what its statistics are taken over. Frozen
+    layers are fixed by definition; a layer of an unknown class that looks like a BatchNorm is
+    refused, as its statistics may mean something else.
+    """
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, StreamNorm):
+            layers[name] = m
+            continue
+        adapter = find_norm_adapter(m)
+        if adapter is None:
+            why = looks_like_norm(m)
+            if why is not None:
+                raise unknown_norm_error(name, m, why, "recalibrate")
+        elif adapter.kind == "batch_norm" and getattr(m, "track_running_stats", False):
+            check_layout(name, m, adapter)
+            layers[name] = m
+    return layers
 
 
 def _input(batch: Any) -> Any:
@@ -80,8 +97,9 @@ def recalibrate(
     r"""Set the running statistics of every normalization layer to their population values over ``batches``.
 
     The model runs in training mode (each layer normalizes as in training, so every layer sees the
-    inputs it saw in training) without gradients, and every layer of this package and every torch
-    BatchNorm with running statistics records its input. Then each layer gets, over all N samples
+    inputs it saw in training) without gradients, and every layer of this package and every
+    BatchNorm with running statistics that :mod:`mabn.adapters` knows (torch's, timm's
+    ``BatchNormAct2d``, ...) records its input. Frozen BatchNorms keep their statistics. Then each layer gets, over all N samples
     and positions of all batches (float64 sums about a shift, so exact up to rounding):
 
     * centered layers (BatchNorm, ghost BN, BRN, ...): ``running_mean`` = the mean and
@@ -104,8 +122,8 @@ def recalibrate(
         ``model``.
 
     Raises:
-        ValueError: no layer to recalibrate, no batch, a bad ``num_batches``, or non-finite statistics
-            (the error names the layer).
+        ValueError: no layer to recalibrate, no batch, a bad ``num_batches``, non-finite statistics, or
+            a layer that looks like a BatchNorm of an unknown class (the error names the layer).
         TypeError: a batch that is neither a Tensor nor a tuple starting with one.
 
     Example::
