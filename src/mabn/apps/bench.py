@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adapters import is_frozen_batch_norm
 from ..conv import CenConv2d
 from ..factory import default_num_groups
-from ..frozen import FrozenBatchNorm2d, is_frozen_batch_norm
+from ..frozen import FrozenBatchNorm2d
 from ..modules import BatchRenorm2d, GhostBatchNorm2d, MABN2d, StreamNorm
 
 LAYER_SHAPES = [
