@@ -163,6 +163,24 @@ def test_frozen_layers_script(cls, shape):
         torch.jit.script(layer)
 
 
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (lambda: mabn.CenConv1d(3, 4, 3, padding=1), (2, 3, 7)),
+        (lambda: mabn.CenConv2d(3, 4, 3, stride=2, padding_mode="reflect", padding=1), (2, 3, 7, 7)),
+        (lambda: mabn.CenConv3d(3, 4, 3), (2, 3, 5, 5, 5)),
+        (lambda: mabn.CenLinear(3, 4), (2, 3)),
+    ],
+)
+def test_weight_centralized_layers_script(layer, shape):
+    layer = layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(layer)
+    x = torch.randn(*shape)
+    assert_close(scripted(x), layer(x))
+
+
 def test_batchnorm_keyed_tools_and_what_to_use_instead():
     """What the README's list of BatchNorm-keyed tools says, checked."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), mabn.MABN2d(4, norm_batch_size=2)).eval()
