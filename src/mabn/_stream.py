@@ -119,7 +119,11 @@ class ForwardLayout:
 
 
 def forward_layout(spec: TableSpec, num_groups: int) -> ForwardLayout:
-    """The rows of the forward output for ``num_groups`` groups."""
+    """The rows of the forward output for ``num_groups`` groups (cached)."""
+    return cached(("layout", spec, num_groups), lambda: _forward_layout(spec, num_groups))
+
+
+def _forward_layout(spec: TableSpec, num_groups: int) -> ForwardLayout:
     g, k = num_groups, 2 if spec.centered else 1
     position = 0
 
@@ -159,7 +163,7 @@ def _forward_matrix(spec: TableSpec, g: int, n: int, filled: int) -> list[list[f
     """The coefficients of a call with ``g`` groups at step count ``n`` with ``filled`` window entries."""
     k = 2 if spec.centered else 1
     m = spec.window if spec.forward_sma else 0
-    layout = forward_layout(spec, g)
+    layout = _forward_layout(spec, g)
     running = (m + g) * k
     ones = running + k
     a = [[0.0] * (ones + 1) for _ in range(layout.rows)]
@@ -214,7 +218,7 @@ def forward_coefficients(
 ) -> Tensor:
     """The (rows_out, rows_in) coefficients of this call's forward step (see :func:`forward_layout`)."""
     table = _forward_table(spec, num_groups, dtype, num_batches_tracked.device)
-    boundaries = tuple(_forward_phases(spec))
+    boundaries = cached(("phases", spec), lambda: tuple(_forward_phases(spec)))
     return _lookup(table, boundaries, num_batches_tracked, forward_steps if spec.forward_sma else None)
 
 
