@@ -383,6 +383,16 @@ def test_init_that_does_not_fit_names_the_weight(tmp_path, capsys, pretrained):
     assert code == 2 and "does not fit the model: conv1.weight is (8, 1, 3, 3) there, (4, 1, 3, 3) here" in err, err
 
 
+@pytest.mark.parametrize("norm", ["gn", "ln", "in"])
+def test_init_into_a_per_sample_norm_is_refused_under_function_preserving(tmp_path, capsys, pretrained, norm):
+    # A per-sample norm cannot compute what the pretrained BatchNorms did: refused, naming the layer,
+    # before anything is written (--init-preserve statistics is the explicit way to take the weights).
+    out = tmp_path / "out"
+    code, err = _cli([*BASE, "--width", "8", "--out", str(out), "--init", str(pretrained), "--norm", norm], capsys)
+    assert code == 2 and "cannot keep the function of" in err and "BatchNorm2d" in err, err
+    assert not out.exists()
+
+
 def test_config_file_reruns_a_run(tmp_path, capsys):
     first = tmp_path / "a"
     assert _cli([*BASE, "--norm", "mabn", "--norm-batch-size", "2", "--out", str(first)], capsys)[0] == 0
