@@ -34,8 +34,16 @@ class Distributed:
         dist.all_reduce(t)
         return float(t) / self.world
 
-    def close(self) -> None:
-        if self.active and dist.is_initialized():
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group: after a barrier when every process finished, so none tears it down early.
+
+        After an error only this process leaves: the others may be inside a collective, where a
+        collective teardown would wait for them forever; torchrun ends them.
+        """
+        if not (self.active and dist.is_initialized()):
+            return
+        if finished:
+            dist.barrier()
             dist.destroy_process_group()
 
 

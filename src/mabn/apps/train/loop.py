@@ -165,17 +165,21 @@ def train(
         raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
     ckpt = _checkpoint_to_resume(config, resume, overwrite)
     run = _open(config, ckpt)
+    finished = False
     try:
         _start(run, fresh=ckpt is None)
         show = (progress if progress is not None else sys.stderr.isatty()) and run.ddp.rank == 0
         _log(run.ddp.rank, _header(run))
         while not run.done and (stop_after is None or run.epoch < stop_after):
             _epoch(run, show)
-        return _finish(run)
+        result = _finish(run)
+        finished = True
+        return result
     finally:
         if run.monitor is not None:
             run.monitor.remove()
-        run.ddp.close()
+        run.net = run.model  # DDP's reducer goes before its process group
+        run.ddp.close(finished)
 
 
 def _checkpoint_to_resume(config: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
