@@ -163,7 +163,7 @@ def test_build_model_defaults():
         ({"arch": "resnet_small", "norm": "xx"}, ValueError, "unknown norm layer 'xx'"),
         ({"arch": "resnet_small", "conv": "xx"}, ValueError, "conv must be one of"),
         ({"arch": "resnet_small", "norm_kwargs": [1]}, TypeError, "norm_kwargs"),
-        ({"arch": "resnet_small", "depth": 0}, ValueError, "depth must be a positive int"),
+        ({"arch": "resnet_small", "depth": 0}, ValueError, "depth must be >= 1, got 0"),
         ([("arch", "resnet18")], TypeError, "model_config must be a dict"),
     ],
 )

@@ -43,6 +43,7 @@ def test_grids_follow_the_protocol(tmp_path):
     assert mabn2.wc and mabn2.norm_batch_size == 2
 
 
+@pytest.mark.slow  # a grid: three training runs
 def test_quick_grid_end_to_end_then_skips_finished_runs(tmp_path, capsys):
     out, results = tmp_path / "runs", tmp_path / "results"
     argv = ["reproduce", "quick", "--out", str(out), "--results-dir", str(results), *TINY]

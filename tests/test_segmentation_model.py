@@ -261,10 +261,10 @@ def test_build_model_round_trip():
     ("cfg", "match"),
     [
         ({"arch": "fpn_resnet18", "depth": 2}, "does not take: depth"),
-        ({"arch": "fpn_resnet_small", "decoder_channels": 0}, "decoder_channels must be a positive int"),
+        ({"arch": "fpn_resnet_small", "decoder_channels": 0}, "decoder_channels must be >= 1, got 0"),
         ({"arch": "fpn_resnet_small", "stem_stride": 4}, "stem_stride must be 1 or 2, got 4"),
-        ({"arch": "fpn_resnet_small", "width": 0}, "width must be a positive int, got 0"),
-        ({"arch": "fpn_resnet_small", "num_classes": 0}, "num_classes must be a positive int, got 0"),
+        ({"arch": "fpn_resnet_small", "width": 0}, "width must be >= 1, got 0"),
+        ({"arch": "fpn_resnet_small", "num_classes": 0}, "num_classes must be >= 1, got 0"),
     ],
 )
 def test_bad_options(cfg, match):

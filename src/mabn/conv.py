@@ -27,17 +27,15 @@ __all__ = [
     "check_conv",
 ]
 
-#: The convolution choices of every API and command: plain layers or weight centralization (WC).
-CONV_CHOICES = ("none", "centralized")
+#: The named convolution choices of the library: weight centralization (WC); ``None`` is plain layers.
+CONV_CHOICES = ("centralized",)
 
 
 def check_conv(conv: str | None) -> str | None:
-    """``None``/``"none"`` -> None (plain convolutions), ``"centralized"`` -> ``"centralized"``; else a ValueError."""
-    if conv is None or conv == "none":
-        return None
-    if conv == "centralized":
+    """``None`` (plain convolutions) or ``"centralized"``, returned as given; anything else is a ValueError."""
+    if conv is None or conv == "centralized":
         return conv
-    raise ValueError(f"conv must be one of {CONV_CHOICES} (or None), got {conv!r}")
+    raise ValueError(f"conv must be one of {(None, *CONV_CHOICES)}, got {conv!r}")
 
 
 def centralize_weight(weight: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_num_features
+from ._checks import check_int, check_num_features
 from .config import PRESETS
 from .modules import FAMILIES
 
@@ -116,9 +116,7 @@ def _check_dim(dim: object) -> int:
 def _group_norm(num_features: int, num_groups: int | None, kwargs: dict[str, Any]) -> nn.GroupNorm:
     if num_groups is None:
         num_groups = default_num_groups(num_features)
-    elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    elif num_features % num_groups:
+    elif check_int("num_groups", num_groups, 1) and num_features % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}")
     return nn.GroupNorm(num_groups, num_features, **kwargs)
 

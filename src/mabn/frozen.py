@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_num_features
+from ._checks import check_float, check_num_features
 from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FROZEN_CLASSES"]
@@ -40,8 +40,8 @@ class _FrozenBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         check_num_features(num_features)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if check_float("eps", eps) <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__()
         self.num_features = num_features
         self.eps = float(eps)
@@ -138,6 +138,16 @@ class FrozenBatchNorm1d(_FrozenBatchNorm):
         True
     """
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, device=device, dtype=dtype)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 2 and input.dim() != 3:
             raise ValueError(f"FrozenBatchNorm1d expects 2-D or 3-D input, got {input.dim()}-D")
@@ -179,6 +189,16 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
         True
     """
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, device=device, dtype=dtype)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"FrozenBatchNorm2d expects 4-D input, got {input.dim()}-D")
@@ -214,6 +234,16 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
         >>> torch.allclose(layer(x), x / (1 + 1e-5) ** 0.5 + 1.0)
         True
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, device=device, dtype=dtype)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:

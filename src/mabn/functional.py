@@ -643,7 +643,8 @@ def stream_norm(
     training: bool,
     *,
     process_group: Any = None,
-    sync_check: bool | None = None,
+    probe_sync: bool = False,
+    verify_sync: bool = False,
 ) -> Tensor:
     r"""Normalize ``input`` (N, C, \*) with the member of the family that ``config`` names.
 
@@ -671,10 +672,12 @@ def stream_norm(
         process_group: a ``torch.distributed`` process group over which the statistics of each
             normalization group are synced (the union of the matching groups of every rank), or
             ``None`` for this process's statistics only. Default: ``None``.
-        sync_check: compare the ranks' calls (see :mod:`mabn._sync`): ``True`` also runs a
-            two-number collective first, as a layer does on its first training call; ``None``
-            reads the fingerprint of CPU collectives only, where it costs nothing extra; ``False``
-            checks nothing. Default: ``None``.
+        probe_sync: compare the ranks' calls in a two-number collective of its own before the
+            statistics are reduced (see :mod:`mabn._sync`), as a layer does on its first synced
+            training call. Default: ``False``.
+        verify_sync: read the fingerprint that travels with the reduced statistics and raise if the
+            ranks' calls differ, as a layer does on every CPU call, where it costs nothing extra.
+            Default: ``False``.
 
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.
@@ -711,8 +714,8 @@ def stream_norm(
     step = _Step(groups, numel, numel)
     if synced:
         step.process_group, step.fingerprint = process_group, _sync.fingerprint(c, groups, config)
-        step.probe_sync = bool(sync_check)
-        step.verify_sync = bool(sync_check) or (sync_check is None and input.device.type == "cpu")
+        step.probe_sync = probe_sync
+        step.verify_sync = verify_sync or probe_sync
     elif config.centered and numel < 2:
         _check_group_size(step, config)
     device_type = input.device.type

@@ -245,9 +245,12 @@ class StreamNorm(nn.Module):
         if not isinstance(input, Tensor):
             raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
-        check = None
+        probe = verify = False
         if self.process_group is not None and self.training:
-            check = True if self._sync_calls == 0 else None  # every call on CPU, the first one elsewhere
+            # The ranks' calls are compared on the first call, and on every call on CPU, where the
+            # fingerprint travels in the statistics' own collective.
+            probe = self._sync_calls == 0
+            verify = probe or input.device.type == "cpu"
             self._sync_calls += 1
         output = stream_norm(
             input,
@@ -257,7 +260,8 @@ class StreamNorm(nn.Module):
             self.config,
             self.training,
             process_group=self.process_group,
-            sync_check=check,
+            probe_sync=probe,
+            verify_sync=verify,
         )
         return run_post_norm(self, output) if self.post_norm else output
 

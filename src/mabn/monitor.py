@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_int
 from .functional import window_means
 from .modules import StreamNorm
 
@@ -230,14 +231,8 @@ class BatchStatsMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int):
-            raise TypeError(f"every must be an int, got {every!r}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int):
-            raise TypeError(f"start_step must be an int, got {start_step!r}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        check_int("every", every, 1)
+        check_int("start_step", start_step, 0)
         self.channels = _parse_channels(channels)
         self.every = every
         self._layers = self._resolve_layers(model, layers)

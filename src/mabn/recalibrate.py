@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .adapters import check_layout, find_norm_adapter, looks_like_norm, unknown_norm_error
 from .modules import StreamNorm
 
@@ -136,10 +137,8 @@ def recalibrate(
         >>> torch.allclose(model[1].running_var, x.square().mean((0, 2, 3)), atol=1e-5)
         True
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)):
-        raise TypeError(f"num_batches must be an int, got {num_batches!r}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    if num_batches is not None:
+        check_int("num_batches", num_batches, 1)
     layers = _layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no normalization layer with running statistics to recalibrate")

@@ -63,6 +63,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from .._checks import check_int
 from ..factory import NormSpec
 from .fpn import FeaturePyramid
 from .resnet import BasicBlock, ConvSpec, NormBuilder, ResNet, resolve_conv
@@ -218,12 +219,6 @@ class PreparedImages(GeneralizedRCNNTransform):
         return image, target
 
 
-def _positive(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 _STEMS = {2: "small_stride2", 4: "imagenet"}
 
 
@@ -239,21 +234,21 @@ def _backbone(
     norm_kwargs: dict[str, Any],
     conv_layer: ConvSpec,
 ) -> FeaturePyramid:
-    depth, width = _positive("depth", depth), _positive("width", width)
+    depth, width = check_int("depth", depth, 1), check_int("width", width, 1)
     if stem_stride not in _STEMS or isinstance(stem_stride, bool):
         raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride!r}")
     encoder = ResNet(
         BasicBlock, [depth] * 3, [width, 2 * width, 4 * width], 1, in_channels, _STEMS[stem_stride],
         norm_layer, norm_kwargs, conv_layer,
     )  # fmt: skip
-    channels = 2 * width if fpn_channels is None else _positive("fpn_channels", fpn_channels)
+    channels = 2 * width if fpn_channels is None else check_int("fpn_channels", fpn_channels, 1)
     return FeaturePyramid(encoder, channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer)
 
 
 def _head_norm(norm_layer: NormSpec, norm_kwargs: dict[str, Any], head_warmup_iters: int | None) -> NormBuilder:
     kwargs = dict(norm_kwargs)
     if head_warmup_iters is not None:
-        kwargs["warmup_iters"] = _positive("head_warmup_iters", head_warmup_iters, 0)
+        kwargs["warmup_iters"] = check_int("head_warmup_iters", head_warmup_iters, 0)
     return NormBuilder(norm_layer, kwargs)
 
 
@@ -324,8 +319,8 @@ def fcos_resnet_small(
     )
     levels = len(backbone.strides)
     norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
-    head = FCOSLevelHead(backbone.out_channels, _positive("num_classes", num_classes, 2), levels,
-                         _positive("head_convs", head_convs, 0), norm, conv)  # fmt: skip
+    head = FCOSLevelHead(backbone.out_channels, check_int("num_classes", num_classes, 2), levels,
+                         check_int("head_convs", head_convs, 0), norm, conv)  # fmt: skip
     anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * levels)
     model = FCOS(
         backbone, num_classes, anchor_generator=anchors, head=head, score_thresh=score_thresh,
@@ -372,8 +367,8 @@ def retinanet_resnet_small(
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
     norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
     head = RetinaNetLevelHead(
-        backbone.out_channels, anchors.num_anchors_per_location()[0], _positive("num_classes", num_classes, 2),
-        levels, _positive("head_convs", head_convs, 0), norm, conv,
+        backbone.out_channels, anchors.num_anchors_per_location()[0], check_int("num_classes", num_classes, 2),
+        levels, check_int("head_convs", head_convs, 0), norm, conv,
     )  # fmt: skip
     model = RetinaNet(
         backbone, num_classes, anchor_generator=anchors, head=head, score_thresh=score_thresh,
@@ -446,7 +441,7 @@ def maskrcnn_resnet_small(
     )
     channels, names = backbone.out_channels, backbone.names
     norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
-    head_convs, representation = _positive("head_convs", head_convs, 0), _positive("representation", representation)
+    head_convs, representation = check_int("head_convs", head_convs, 0), check_int("representation", representation, 1)
     box_head = nn.Sequential(
         *_roi_convs(channels, head_convs, norm, conv),
         nn.Flatten(),
@@ -454,7 +449,7 @@ def maskrcnn_resnet_small(
         nn.ReLU(inplace=True),
     )
     mask_head = nn.Sequential(*_roi_convs(channels, head_convs, norm, conv))
-    num_classes = _positive("num_classes", num_classes, 2)
+    num_classes = check_int("num_classes", num_classes, 2)
     anchors = AnchorGenerator(tuple((round(anchor_scale * s),) for s in backbone.strides),
                               ((0.5, 1.0, 2.0),) * len(names))  # fmt: skip
     model = MaskRCNN(
@@ -468,7 +463,7 @@ def maskrcnn_resnet_small(
         box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(representation, num_classes),
-        box_batch_size_per_image=_positive("rois_per_image", rois_per_image),
+        box_batch_size_per_image=check_int("rois_per_image", rois_per_image, 1),
         box_score_thresh=score_thresh,
         box_detections_per_img=detections_per_img,
         mask_roi_pool=MultiScaleRoIAlign(names, 14, 2),

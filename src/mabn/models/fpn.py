@@ -32,6 +32,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..factory import NormSpec
 from .resnet import ConvSpec, NormBuilder, ResNet, resolve_conv
 
@@ -88,10 +89,8 @@ class FeaturePyramid(nn.Module):
         super().__init__()
         if not isinstance(encoder, ResNet):
             raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
-        if isinstance(extra_levels, bool) or not isinstance(extra_levels, int) or extra_levels < 0:
-            raise ValueError(f"extra_levels must be an int >= 0, got {extra_levels!r}")
+        check_int("out_channels", out_channels, 1)
+        check_int("extra_levels", extra_levels, 0)
         chosen = list(range(encoder.num_stages)) if stages is None else list(stages)
         if not chosen or chosen != sorted(set(chosen)) or not all(0 <= i < encoder.num_stages for i in chosen):
             raise ValueError(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..conv import CenConv2d, CenLinear, check_conv
 from ..factory import NormSpec, create_norm_layer
 from ..recompute import checkpoint
@@ -45,7 +46,7 @@ _STEMS = {"imagenet": 4, "small": 1, "small_stride2": 2}
 
 
 def resolve_conv(conv_layer: ConvSpec) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """(conv class, linear class) for ``conv_layer``: None/"none", "centralized", or a conv class.
+    """(conv class, linear class) for ``conv_layer``: None, "centralized", or a conv class.
 
     Shared by the models of this package, so that ``conv_layer`` means the same everywhere.
 
@@ -216,9 +217,8 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("num_classes", num_classes, 1)
+        check_int("in_channels", in_channels, 1)
         if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must be positive ints, one per stage, got layers={layers}, widths={widths}")
         if stem not in _STEMS:
@@ -421,10 +421,8 @@ def resnet_small(
         >>> model(torch.randn(4, 1, 28, 28)).shape
         torch.Size([4, 10])
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive int (blocks per stage), got {depth!r}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    check_int("depth", depth, 1)
+    check_int("width", width, 1)
     return ResNet(
         BasicBlock, [depth] * 3, [width, 2 * width, 4 * width], num_classes, in_channels, "small",
         norm_layer, norm_kwargs, conv_layer, zero_init_residual,

@@ -31,16 +31,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..factory import NormSpec
 from .resnet import BasicBlock, ConvSpec, NormBuilder, ResNet, resnet18, resnet50, resolve_conv
 
 __all__ = ["SegmentationFPN", "fpn_resnet_small", "fpn_resnet18", "fpn_resnet50"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class SegmentationFPN(nn.Module):
@@ -92,8 +87,8 @@ class SegmentationFPN(nn.Module):
         super().__init__()
         if not isinstance(encoder, ResNet):
             raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
-        num_classes = _positive_int("num_classes", num_classes)
-        width = _positive_int("decoder_channels", decoder_channels)
+        num_classes = check_int("num_classes", num_classes, 1)
+        width = check_int("decoder_channels", decoder_channels, 1)
         if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
             raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
         conv, _ = resolve_conv(conv_layer)
@@ -194,8 +189,8 @@ def fpn_resnet_small(
     """
     if isinstance(stem_stride, bool) or stem_stride not in (1, 2):
         raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
-    depth = _positive_int("depth", depth)
-    width = _positive_int("width", width)
+    depth = check_int("depth", depth, 1)
+    width = check_int("width", width, 1)
     stem = "small_stride2" if stem_stride == 2 else "small"
     encoder = ResNet(
         BasicBlock, [depth] * 3, [width, 2 * width, 4 * width], 1, in_channels, stem,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config import PRESETS
-from ...conv import CONV_CHOICES
+from ...conv import CONV_CHOICES as LIBRARY_CONV_CHOICES
 from ...convert import PRESERVE_CHOICES
 from ...factory import NORM_NAMES, canonical_name, is_batch_norm
 from ...models import ARCH_TASKS, ARCHS, DETECTION_ARCHS
@@ -110,6 +110,10 @@ def _parse_milestones(text: str) -> list[float] | None:
 
 def _parse_names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+#: ``--conv`` on the command line: "none" is the library's None (plain convolutions).
+CONV_CHOICES = ("none", *LIBRARY_CONV_CHOICES)
 
 
 def _parse_conv(text: str) -> str | None:
@@ -484,7 +488,7 @@ def _check_choices(c: dict[str, Any]) -> None:
         raise ValueError(f"unknown data source {c['data']!r}; choose one of {', '.join(DATA_SOURCES)}")
     if c["arch"] is not None and c["arch"] not in ARCHS:
         raise ValueError(f"unknown --arch {c['arch']!r}; choose one of {', '.join(ARCHS)}")
-    if c["conv"] not in (None, "centralized"):
+    if c["conv"] is not None and c["conv"] not in LIBRARY_CONV_CHOICES:
         raise ValueError(f"unknown --conv {c['conv']!r}; choose one of {', '.join(CONV_CHOICES)}")
     if c["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown --schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
