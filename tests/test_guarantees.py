@@ -223,6 +223,40 @@ def test_huge_finite_inputs_give_the_right_statistics(preset):
         assert_close(layer.running_var.double(), naive.running_var, rtol=1e-4, atol=0)
 
 
+# Every path of each statistics job, with the groups and layout it takes.
+STATISTICS_PATHS = [
+    ("second_moment", "spatial", 2, False),
+    ("second_moment", "native", 1, True),
+    ("second_moment", "native_loop", 2, True),
+    ("second_moment", "grouped", 2, True),
+    ("moments", "per_sample", 2, False),
+    ("moments", "native", 1, True),
+    ("moments", "native_loop", 2, False),
+    ("moments", "grouped", 2, True),
+]
+
+
+@pytest.mark.parametrize(("job", "path", "groups", "channels_last"), STATISTICS_PATHS)
+def test_every_statistics_path_is_right_while_a_groups_sum_of_squares_fits(job, path, groups, channels_last):
+    # The common range of every path: x of scale 5e17-1.5e18 in groups of 64 or 128 values per
+    # channel, whose sums of squares (up to about 2e38) fit float32. Each path normalizes right and
+    # keeps the reference's running statistics, on the layout it serves.
+    preset = "mabn" if job == "second_moment" else "bn_ema_sma"
+    kwargs = dict(norm_batch_size=8 // groups, warmup_iters=1, renorm_warmup_iters=1, window=2)
+    layer = mabn.GeneralBatchNorm2d.from_preset(preset, 3, **kwargs)
+    naive = NaiveNorm(3, **{k: v for k, v in vars(mabn.PRESETS[preset]).items() if k != "accumulate"} | kwargs)
+    ones, zeros = torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = ((torch.randn(8, 3, 4, 4) + step) * 1e18 / 2).contiguous(memory_format=fmt)
+        with use_paths(**{job: path}):
+            y = layer(x)
+        expected, _ = naive.forward(x.double(), ones, zeros)
+        assert bool(torch.isfinite(y).all()), step
+        assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
+        assert_close(layer.running_var.double(), naive.running_var, rtol=1e-4, atol=0)
+
+
 BEYOND = {
     "variance and second moment beyond float32": lambda: torch.randn(4, 3, 4, 4).sign() * 3e38,
     "sums of squares beyond float32": lambda: torch.randn(4, 3, 32, 32) * 1e18,

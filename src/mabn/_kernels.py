@@ -189,8 +189,9 @@ def moments(x: Tensor, groups: int, path: str) -> tuple[Tensor, Tensor]:
 def second_moment(x: Tensor, groups: int, dtype: torch.dtype, path: str) -> Tensor:
     """Per-group, per-channel E[x^2], (G, C), accumulated in ``dtype``.
 
-    The norms are scaled by ``1 / sqrt(count)`` before they are squared and summed, so the result
-    overflows only when E[x^2] itself does not fit ``dtype``.
+    The norms are scaled by ``1 / sqrt(count)`` before they are squared and combined, so combining
+    never overflows; each norm itself is right while the sum of squares it reduces fits ``dtype``
+    (torch's norm kernels do not rescale): each sample's on the ``spatial`` path, the group's else.
     """
     n, c = x.shape[0], x.shape[1]
     count = x.numel() // (max(groups, 1) * c)
