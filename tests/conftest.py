@@ -63,6 +63,16 @@ def assert_unchanged(model: nn.Module, before: Snapshot) -> None:
     assert [id(p) for p in model.parameters()] == before.params
 
 
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every state-dict entry."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def buffer_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every buffer, the non-persistent ones (an accumulating step's pending sums) included."""
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
 def run_onnx(path: str | Path, x: torch.Tensor) -> torch.Tensor:
     """The output of the ONNX model at ``path`` on ``x``, run by onnxruntime on the CPU."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

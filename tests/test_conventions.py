@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import state_copy
 from torch import fx, nn
 from torch.testing import assert_close
 
@@ -106,7 +107,7 @@ def test_a_batchnorm_checkpoint_loads_non_strictly_into_a_converted_model():
     bn_model = _trained_bn_model()
     checkpoint = bn_model.state_dict()
     model = mabn.convert_model(models.resnet_small(width=4, depth=1), "mabn", norm_batch_size=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_copy(model)
     result = model.load_state_dict(checkpoint, strict=False)
     # The entries present load; MABN's own entries are reported missing, BatchNorm's running_mean unexpected.
     assert torch.equal(model.bn1.weight, checkpoint["bn1.weight"])
@@ -124,7 +125,7 @@ def test_a_batchnorm_checkpoint_loads_non_strictly_into_a_converted_model():
     # A size mismatch refuses the whole layer even non-strictly.
     bad = dict(checkpoint)
     bad["bn1.running_var"] = torch.ones(3)
-    layer_before = {k: v.clone() for k, v in model.bn1.state_dict().items()}
+    layer_before = state_copy(model.bn1)
     with pytest.raises(RuntimeError, match="size mismatch running_var"):
         model.load_state_dict(bad, strict=False)
     assert all(torch.equal(v, model.bn1.state_dict()[k]) for k, v in layer_before.items())

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, state_copy
 from torch import nn
 
 import mabn
@@ -24,10 +24,6 @@ def _pretrained(seed: int = 0, norm: str = "bn") -> nn.Module:
         for _ in range(4):
             model(torch.randn(16, 1, 12, 12) * 3 + 2)  # a non-zero mean in every layer
     return model.eval()
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("norm", ["mabn", "uncentered", "uncentered_ema", "brn", "ghost_bn"])
@@ -81,7 +77,7 @@ def _bad_models():
 @pytest.mark.parametrize("case", range(3))
 def test_preserve_function_refuses_and_leaves_the_model(case):
     model, message = _bad_models()[case]
-    before, types = _state(model), [type(m) for m in model.modules()]
+    before, types = state_copy(model), [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         mabn.convert_model(model, "mabn", preserve="function")
     assert [type(m) for m in model.modules()] == types
@@ -203,7 +199,7 @@ def test_frozen_bn_is_the_eval_map_of_bn_in_both_modes(dim, shape):
     assert type(frozen).__name__ == f"FrozenBatchNorm{dim}d" and not list(frozen.parameters())
     x = torch.randn(*shape, requires_grad=True)
     frozen.train()
-    before = _state(frozen)
+    before = state_copy(frozen)
     y = frozen(x)
     y.sum().backward()
     torch.testing.assert_close(y, bn(x))
@@ -231,7 +227,7 @@ def _with_foreign_frozen(frozen: nn.Module) -> nn.Module:
 
 def test_unregistered_foreign_frozen_bn_is_refused_and_nothing_changes():
     model = _with_foreign_frozen(mabn.convert_model(_pretrained(), "frozen_bn"))
-    before, types = _state(model), [type(m) for m in model.modules()]
+    before, types = state_copy(model), [type(m) for m in model.modules()]
     for call in (
         lambda: mabn.convert_model(model, "mabn", norm_batch_size=2),
         lambda: mabn.recalibrate(model, [torch.randn(2, 1, 12, 12)]),
@@ -341,7 +337,7 @@ def test_recalibrate_deep_model_sees_training_mode_inputs_and_restores_modes():
 
 def test_recalibrate_bad_input_leaves_the_model():
     model = _pretrained()
-    before = _state(model)
+    before = state_copy(model)
     with pytest.raises(ValueError, match="has no normalization layer"):
         mabn.recalibrate(nn.Linear(2, 2), [torch.randn(2, 2)])
     with pytest.raises(ValueError, match="at least one batch"):

@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, buffer_copy, snapshot
 from reference import NaiveNorm
 from torch import nn
 from torch.testing import assert_close
@@ -28,13 +28,8 @@ from mabn._kernels import use_paths
 F64 = torch.float64
 
 
-def _buffers(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """Every buffer, the non-persistent pending sums of an accumulating step included."""
-    return {name: b.detach().clone() for name, b in layer.named_buffers()}
-
-
 def _assert_same_buffers(a: nn.Module, b: nn.Module) -> None:
-    ba, bb = _buffers(a), _buffers(b)
+    ba, bb = buffer_copy(a), buffer_copy(b)
     assert ba.keys() == bb.keys()
     for key, value in ba.items():
         assert torch.equal(value, bb[key]), key
@@ -65,11 +60,11 @@ def test_setting_accumulate_to_its_value_mid_step_keeps_the_pending_micro_batch(
 def test_changing_accumulate_mid_step_is_refused_and_changes_nothing():
     layer = _accumulating()
     layer(torch.randn(2, 3, 4, 4))
-    before = _buffers(layer)
+    before = buffer_copy(layer)
     with pytest.raises(ValueError, match=r"cannot change accumulate from 2 to 3 in the middle of an optimizer step"):
         layer.accumulate = 3
     assert layer.accumulate == 2 and layer.config.accumulate == 2
-    for key, value in _buffers(layer).items():
+    for key, value in buffer_copy(layer).items():
         assert torch.equal(value, before[key]), key
     layer(torch.randn(2, 3, 4, 4))  # the step ends: now it may change
     layer.accumulate = 3
@@ -97,10 +92,10 @@ def test_a_state_loaded_mid_step_continues_like_a_fresh_layer_loaded_with_it():
 def test_a_refused_load_mid_step_keeps_the_pending_micro_batch():
     layer = _accumulating()
     layer(torch.randn(2, 3, 4, 4))
-    before = _buffers(layer)
+    before = buffer_copy(layer)
     with pytest.raises(RuntimeError, match="size mismatch"):
         layer.load_state_dict(mabn.MABN2d(4, norm_batch_size=2, window=4).state_dict())
-    for key, value in _buffers(layer).items():
+    for key, value in buffer_copy(layer).items():
         assert torch.equal(value, before[key]), key
 
 

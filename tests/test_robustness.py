@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import state_copy
 from torch import nn
 from torch.testing import assert_close
 
@@ -24,10 +25,6 @@ PRESETS = ["mabn", "bn", "brn", "bn_ema_sma", "uncentered", "uncentered_ema"]
 def _layer(preset: str, **kw) -> mabn.StreamNorm:
     kw = {"norm_batch_size": 2, "window": 4, "warmup_iters": 2, "renorm_warmup_iters": 3, **kw}
     return mabn.GeneralBatchNorm2d.from_preset(preset, 3, **kw)
-
-
-def _buffers(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in layer.state_dict().items()}
 
 
 def _all_finite(layer: nn.Module) -> bool:
@@ -83,12 +80,12 @@ def test_statistics_beyond_the_dtype_give_nan_and_leave_the_buffers(preset):
     layer = _layer(preset)
     for _ in range(3):
         layer(torch.randn(4, 3, 4, 4)).sum().backward()
-    before = _buffers(layer)
+    before = state_copy(layer)
     x = (torch.randn(4, 3, 4, 4) * 1e22).requires_grad_()
     y = layer(x)
     assert torch.isnan(y).all()
     y.sum().backward()
-    after = _buffers(layer)
+    after = state_copy(layer)
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
 
@@ -147,14 +144,14 @@ def test_refused_state_dict_leaves_the_layer_as_it_was():
     layer = mabn.MABN2d(4)
     for _ in range(3):
         layer(torch.randn(4, 4, 3, 3)).sum().backward()
-    before = _buffers(layer)
+    before = state_copy(layer)
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.weight.fill_(7.0)
         bn.running_var.fill_(3.0)
     with pytest.raises(RuntimeError, match="mabn.convert_model"):
         layer.load_state_dict(bn.state_dict())
-    after = _buffers(layer)
+    after = state_copy(layer)
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     # A wrong shape is refused the same way, before anything is copied.
