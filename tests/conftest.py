@@ -49,8 +49,7 @@ class Snapshot(NamedTuple):
 
 def snapshot(model: nn.Module) -> Snapshot:
     """What :func:`assert_unchanged` compares against later."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Snapshot(state, [(type(m), m.training) for m in model.modules()], [id(p) for p in model.parameters()])
+    return Snapshot(state_copy(model), [(type(m), m.training) for m in model.modules()], [id(p) for p in model.parameters()])
 
 
 def assert_unchanged(model: nn.Module, before: Snapshot) -> None:

@@ -156,7 +156,7 @@ def test_frozen_bn_loads_a_batchnorm_state_dict_and_a_refused_load_changes_nothi
     x = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(frozen(x), bn.eval()(x))
     # Refused loads leave every buffer as it was: a wrong shape, a missing entry, a foreign one.
-    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    before = state_copy(frozen)
     wrong_shape = {**bn.state_dict(), "running_var": torch.ones(5), "weight": torch.zeros(4)}
     missing = {k: torch.zeros_like(v) for k, v in bn.state_dict().items() if k != "running_mean"}
     foreign = {**{k: torch.zeros_like(v) for k, v in bn.state_dict().items()}, "forward_window": torch.zeros(1)}
