@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..factory import NormSpec
-from .resnet import ConvSpec, NormBuilder, ResNet, resolve_conv
+from .resnet import ConvSpec, EncoderDecoder, ResNet
 
 __all__ = ["FeaturePyramid"]
 
 
-class FeaturePyramid(nn.Module):
+class FeaturePyramid(EncoderDecoder):
     """A ResNet encoder and an FPN: multi-scale feature maps of one width, for detection heads.
 
     Args:
@@ -87,8 +87,7 @@ class FeaturePyramid(nn.Module):
         conv_layer: ConvSpec = None,
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, ResNet):
-            raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
+        conv, norm = self._attach(encoder, norm_layer, norm_kwargs, conv_layer)
         check_int("out_channels", out_channels, 1)
         check_int("extra_levels", extra_levels, 0)
         chosen = list(range(encoder.num_stages)) if stages is None else list(stages)
@@ -96,12 +95,6 @@ class FeaturePyramid(nn.Module):
             raise ValueError(
                 f"stages must be increasing indices of the encoder's {encoder.num_stages} stages, got {stages!r}"
             )
-        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-            raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
-        conv, _ = resolve_conv(conv_layer)
-        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
-        encoder.fc = nn.Identity()
-        self.encoder = encoder
         self.stages = chosen
         self.out_channels = out_channels
         width = out_channels
@@ -123,15 +116,6 @@ class FeaturePyramid(nn.Module):
             for m in part.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    @property
-    def checkpoint_stages(self) -> bool:
-        """The encoder's :attr:`ResNet.checkpoint_stages` (recompute its stages in the backward pass)."""
-        return self.encoder.checkpoint_stages
-
-    @checkpoint_stages.setter
-    def checkpoint_stages(self, value: bool) -> None:
-        self.encoder.checkpoint_stages = value
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         features = self.encoder.forward_stages(x)

@@ -30,6 +30,7 @@ from ..recompute import checkpoint
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "EncoderDecoder",
     "NormBuilder",
     "resolve_conv",
     "ResNet",
@@ -297,6 +298,37 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.forward_features(x))
+
+
+class EncoderDecoder(nn.Module):
+    """A model built on the stages of a :class:`ResNet` encoder (its classifier dropped), whose other
+    layers come from one norm and one convolution choice: the base of the feature pyramid and of
+    the segmentation FPN."""
+
+    encoder: ResNet
+
+    def _attach(
+        self, encoder: ResNet, norm_layer: NormSpec, norm_kwargs: dict[str, Any] | None, conv_layer: ConvSpec
+    ) -> tuple[Callable[..., nn.Module], NormBuilder]:
+        """Take ``encoder`` (its ``fc`` replaced by ``Identity``); return the conv class and the norm builder."""
+        if not isinstance(encoder, ResNet):
+            raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
+        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
+            raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
+        conv, _ = resolve_conv(conv_layer)
+        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
+        encoder.fc = nn.Identity()
+        self.encoder = encoder
+        return conv, norm
+
+    @property
+    def checkpoint_stages(self) -> bool:
+        """The encoder's :attr:`ResNet.checkpoint_stages` (recompute its stages in the backward pass)."""
+        return self.encoder.checkpoint_stages
+
+    @checkpoint_stages.setter
+    def checkpoint_stages(self, value: bool) -> None:
+        self.encoder.checkpoint_stages = value
 
 
 _IMAGENET_WIDTHS = [64, 128, 256, 512]

@@ -33,12 +33,12 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..factory import NormSpec
-from .resnet import BasicBlock, ConvSpec, NormBuilder, ResNet, resnet18, resnet50, resolve_conv
+from .resnet import BasicBlock, ConvSpec, EncoderDecoder, ResNet, resnet18, resnet50
 
 __all__ = ["SegmentationFPN", "fpn_resnet_small", "fpn_resnet18", "fpn_resnet50"]
 
 
-class SegmentationFPN(nn.Module):
+class SegmentationFPN(EncoderDecoder):
     """A ResNet encoder with an FPN decoder that predicts a class score for every pixel.
 
     Use the builders (:func:`fpn_resnet_small`, :func:`fpn_resnet18`, :func:`fpn_resnet50`) rather
@@ -85,16 +85,9 @@ class SegmentationFPN(nn.Module):
         conv_layer: ConvSpec = None,
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, ResNet):
-            raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
+        conv, norm = self._attach(encoder, norm_layer, norm_kwargs, conv_layer)
         num_classes = check_int("num_classes", num_classes, 1)
         width = check_int("decoder_channels", decoder_channels, 1)
-        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-            raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
-        conv, _ = resolve_conv(conv_layer)
-        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
-        encoder.fc = nn.Identity()
-        self.encoder = encoder
         channels = list(encoder.stage_channels)
         self.lateral = nn.ModuleList(nn.Sequential(conv(c, width, 1, bias=False), norm(width)) for c in channels)
         self.upsample = nn.ModuleList(
@@ -117,15 +110,6 @@ class SegmentationFPN(nn.Module):
         # Small logits at the start: every class about equally likely at every pixel.
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
-
-    @property
-    def checkpoint_stages(self) -> bool:
-        """The encoder's :attr:`ResNet.checkpoint_stages` (recompute its stages in the backward pass)."""
-        return self.encoder.checkpoint_stages
-
-    @checkpoint_stages.setter
-    def checkpoint_stages(self, value: bool) -> None:
-        self.encoder.checkpoint_stages = value
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
