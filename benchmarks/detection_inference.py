@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on a shared machine
 
 import torch  # noqa: E402
+from interleaved import interleaved_rounds, ratio_table  # noqa: E402  (beside this script)
 from torch import nn  # noqa: E402
 
 import mabn  # noqa: E402
@@ -104,52 +103,14 @@ def build(backbone: str, norm: str, conv: str | None, folded: bool, calib_size: 
     return result, channels
 
 
-def seconds_per_pass(model: nn.Module, x: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    return (time.perf_counter() - start) / iters
-
-
 def run(args: argparse.Namespace) -> dict[int, dict[str, list[float]]]:
     """size -> name -> seconds per image, one entry per round."""
     torch.set_num_threads(args.threads)
     built = {name: build(args.backbone, *spec, min(args.sizes)) for name, spec in SPECS.items()}
     nets = {name: net for name, (net, _) in built.items()}
     channels = next(iter(built.values()))[1]
-    names = list(nets)
     inputs = {s: torch.randn(1, channels, s, s) for s in args.sizes}
-    samples: dict[int, dict[str, list[float]]] = {s: {n: [] for n in names} for s in args.sizes}
-    rng = random.Random(args.seed)
-    with torch.no_grad():
-        for s in args.sizes:  # warm-up: allocator, oneDNN primitive caches
-            for n in names:
-                seconds_per_pass(nets[n], inputs[s], 1)
-        for r in range(args.rounds):
-            pairs = [(s, n) for s in args.sizes for n in names]
-            rng.shuffle(pairs)
-            for s, n in pairs:
-                samples[s][n].append(seconds_per_pass(nets[n], inputs[s], args.iters))
-            line = "  ".join(f"{s}px: " + " ".join(f"{1 / samples[s][n][-1]:.2f}" for n in names) for s in args.sizes)
-            print(f"round {r + 1}/{args.rounds}  images/s ({', '.join(names)})  {line}", flush=True)
-    return samples
-
-
-def table(samples: dict[int, dict[str, list[float]]]) -> str:
-    lines = [
-        "| size | backbone + pyramid | images/s (median) | min - max | ratio to BN folded (median) |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    for size, by_name in samples.items():
-        ref = by_name[REFERENCE]
-        for name, secs in by_name.items():
-            ips = [1 / t for t in secs]
-            ratio = statistics.median(r / t for r, t in zip(ref, secs))
-            lines.append(
-                f"| {size}x{size} | {name} | {statistics.median(ips):.2f} | {min(ips):.2f} - {max(ips):.2f} "
-                f"| {ratio:.3f} |"
-            )
-    return "\n".join(lines)
+    return interleaved_rounds(nets, inputs, args.rounds, args.iters, args.seed)
 
 
 def report(args: argparse.Namespace, text: str, footer: str) -> str:
@@ -190,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be positive, got {values}")
     start = time.perf_counter()
     samples = run(args)
-    text = table(samples)
+    text = ratio_table(samples, REFERENCE, "backbone + pyramid")
     footer = (
         f"{args.backbone}, batch 1, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
         f"{time.perf_counter() - start:.0f} s, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}"
