@@ -49,7 +49,9 @@ class Snapshot(NamedTuple):
 
 def snapshot(model: nn.Module) -> Snapshot:
     """What :func:`assert_unchanged` compares against later."""
-    return Snapshot(state_copy(model), [(type(m), m.training) for m in model.modules()], [id(p) for p in model.parameters()])
+    return Snapshot(
+        state_copy(model), [(type(m), m.training) for m in model.modules()], [id(p) for p in model.parameters()]
+    )
 
 
 def assert_unchanged(model: nn.Module, before: Snapshot) -> None:

@@ -21,9 +21,9 @@ from mabn.apps.opcount import COUNT_SHAPE, LARGE_MAP_SHAPE, OperationCounter, co
 #   the finite guard (abs, max, lt, where: 4); r from the product's rows (div, clamp, sqrt_: 3);
 #   gamma * r (mul: 1); the native normalization (native_batch_norm: 1); the buffer commits (where
 #   for the running variance and the window, one _foreach_add_ for the counters: 3).
-# Forward, G = 4 (B = 1: 28): no sum over samples (-1); the grouped normalization instead of the
-#   native one (rsqrt, mul, neg, mul, add, empty_like, addcmul: +6); counters advanced by different
-#   amounts (mul: +1).
+# Forward, G = 4 (B = 1: 25): no sum over samples (-1); the grouped normalization instead of the
+#   native one (rsqrt, mul, empty_like, addcmul: +3; uncentered, beta is the shift as it is);
+#   counters advanced by different amounts (mul: +1).
 # Backward, stream part (every setting, 13 at G = 1): g_r / n and Psi (div, mul: 2); the backward
 #   window's coefficients (clamp, bucketize, index: 3), rows and product (cat, mm: 2), finite guard
 #   and commit (abs, max, lt, where, _foreach_add_: 5); grad_weight = r * sum (mul: 1).
@@ -33,16 +33,16 @@ from mabn.apps.opcount import COUNT_SHAPE, LARGE_MAP_SHAPE, OperationCounter, co
 #     writes dx's first term, then div and addcmul_ (3): 22 + 16 = 38.
 #   G = 1, CPU, larger maps: rsqrt, zeros_like, one native_batch_norm_backward per sample (N = 4),
 #     stack x 2, sum over chunks x 2 (10), then dx (div, rsqrt, mul, mul, addcmul_: 5): 22 + 28 = 50.
-#   G = 4, CPU: rsqrt, zeros_like, one native call per group (4), stack x 2 (8), dx (5): 28 + 29 = 57.
-#   G = 4, generic: rsqrt and the grouped sums (sum, mul, sum, mul_: 5), dx (5): 28 + 26 = 54.
+#   G = 4, CPU: rsqrt, zeros_like, one native call per group (4), stack x 2 (8), dx (5): 25 + 29 = 54.
+#   G = 4, generic: rsqrt and the grouped sums (sum, mul, sum, mul_: 5), dx (5): 25 + 26 = 51.
 # These are today's counts: any growth fails. The target (at most 3x BatchNorm2d's non-view count,
 # 4 on CPU today: 12) is met nowhere yet; lower the bounds as the engine gets there.
 MABN2D_NON_VIEW_BOUND = {
     ("cpu", 1, COUNT_SHAPE): 38,
     ("cpu", 1, LARGE_MAP_SHAPE): 50,
-    ("cpu", 4, COUNT_SHAPE): 57,
+    ("cpu", 4, COUNT_SHAPE): 54,
     ("generic", 1, COUNT_SHAPE): 38,
-    ("generic", 4, COUNT_SHAPE): 54,
+    ("generic", 4, COUNT_SHAPE): 51,
 }
 
 

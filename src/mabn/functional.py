@@ -236,7 +236,7 @@ class _NormFunction(torch.autograd.Function):
             w = gr[0] if gr is not None and gr.dim() == 2 else gr
             b = beta[0] if beta is not None and beta.dim() == 2 else beta
             return torch.native_batch_norm(x, w, b, mean[0], var[0], False, 0.0, 0.0)[0]
-        return _grouped_normalize(x, var, mean, gr, beta, step.num_groups)
+        return _grouped_normalize(x, var, mean if config.centered else None, gr, beta, step.num_groups)
 
     @staticmethod
     @once_differentiable
@@ -260,15 +260,18 @@ class _NormFunction(torch.autograd.Function):
 
 
 def _grouped_normalize(
-    x: Tensor, var_eps: Tensor, mean: Tensor, scale: Tensor | None, beta: Tensor | None, groups: int
+    x: Tensor, var_eps: Tensor, mean: Tensor | None, scale: Tensor | None, beta: Tensor | None, groups: int
 ) -> Tensor:
-    """The normalization of G groups with one ``addcmul`` on a group view."""
+    """The normalization of G groups with one ``addcmul`` on a group view (``mean`` None: uncentered)."""
     factor = torch.rsqrt(var_eps)
     if scale is not None:
         factor = factor * scale
-    shift = -factor * mean
-    if beta is not None:
-        shift = shift + beta
+    if mean is None:
+        shift = beta.expand_as(factor) if beta is not None else torch.zeros_like(factor)
+    else:
+        shift = -factor * mean
+        if beta is not None:
+            shift = shift + beta
     xv = group_view(x, groups)
     nd = xv.dim()
     # Written through a view into a fresh tensor, so the output is not a view (in-place ops such as
