@@ -120,7 +120,8 @@ def report(args: argparse.Namespace, text: str, footer: str) -> str:
         "scenes": "the `mabn reproduce detection` FCOS backbone (`fcos_resnet_small`: small ResNet + 2-level FPN)",
     }[args.backbone]
     command = (
-        f"python benchmarks/detection_inference.py --backbone {args.backbone} --sizes {' '.join(map(str, args.sizes))}"
+        f"python benchmarks/detection_inference.py --backbone {args.backbone} --sizes {' '.join(map(str, args.sizes))} "
+        f"--rounds {args.rounds} --iters {args.iters}"
     )
     return (
         "# Detector backbone inference at batch 1 (the paper's Table 9)\n\n"
