@@ -128,7 +128,7 @@ def test_the_dispatch_picks_each_path_where_it_should():
     assert choose("grad_sums", small, 1, small) == "native" and choose("normalize", small, 2) == "grouped"
     assert choose("grad_input", small, 1) == "fused" and choose("grad_input", small, 2) == "two_pass"
     assert choose("grad_input", big, 1) == "two_pass" and choose("grad_input", cl, 1) == "fused"
-    large_cl = torch.empty(2, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 2^19 values
+    large_cl = torch.empty(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 2^20 values
     assert choose("normalize", large_cl, 1) == "grouped" and choose("normalize", cl, 1) == "native"
     many = torch.empty(8, 64, 16, 16)  # 8 samples of 16384 values on small maps: per-sample reduction
     assert choose("grad_input", many, 1) == "two_pass" and choose("grad_input", many[:4], 1) == "fused"

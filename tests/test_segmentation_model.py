@@ -297,3 +297,20 @@ def test_docstring_examples_run():
     module = importlib.import_module("mabn.models.segmentation")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda enc: models.FeaturePyramid(enc, 0), "out_channels must be >= 1"),
+        (lambda enc: models.FeaturePyramid(enc, 8, stages=[5]), "stages must be increasing indices"),
+        (lambda enc: models.SegmentationFPN(enc, num_classes=0, decoder_channels=8), "num_classes must be >= 1"),
+        (lambda enc: models.SegmentationFPN(enc, num_classes=3, decoder_channels=8, norm_kwargs=[1]), "norm_kwargs"),
+    ],
+)
+def test_a_refused_decoder_leaves_the_encoder_as_it_was(build, match):
+    encoder = models.resnet_small(width=4)
+    before = type(encoder.fc)
+    with pytest.raises((ValueError, TypeError), match=match):
+        build(encoder)
+    assert type(encoder.fc) is before and not isinstance(encoder.fc, nn.Identity)

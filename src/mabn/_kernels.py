@@ -16,14 +16,16 @@ Jobs and paths:
   native kernel's ``var + mean^2``), ``native_loop`` (CPU, other layouts), ``grouped`` (one norm
   over a group view);
 * ``normalize`` (the elementwise output): ``native`` (one group, the native inference kernel) or
-  ``grouped`` (one ``addcmul`` on a group view);
+  ``grouped`` (one ``addcmul`` on a group view: several groups, or one group of a large
+  channels_last CPU input, where it is the faster of the two);
 * ``grad_sums`` (per-group sums of dL/dy and dL/dy * x_hat): ``native`` (one group, the native
   backward reduction), ``chunked`` (CPU: the native reduction over chunks of samples),
   ``native_loop`` (CPU: one native call per group), ``grouped`` (two sums on a group view);
 * ``grad_input`` (how dL/dx is written where the moving average replaces the batch's ``Psi``):
   ``fused`` (one group: the native backward reduces and writes ``a * dy`` in one call, one
   ``addcmul`` adds ``b * x``) or ``two_pass`` (the ``grad_sums`` reduction, then two elementwise
-  passes).
+  passes: several groups, or on contiguous CPU input large maps or many large samples, where the
+  per-sample reduction is the faster one).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ PER_SAMPLE_MIN_NUMEL = 1 << 14
 #: faster one on contiguous CPU input (measured: 28 x 28 maps faster fused, 56 x 56 two-pass).
 FUSED_MAX_SPATIAL = 1024
 #: From this many values a channels_last CPU input is normalized by one broadcast ``addcmul``, faster
-#: there than the native kernel (measured: 10-15 % less forward+backward time at 2 x 512 x 28 x 28 and
-#: above, up to 4 % more below).
-GROUPED_NORMALIZE_MIN_NUMEL = 1 << 19
+#: there than the native kernel (measured: 1-7 % less forward+backward time from 800,000 values,
+#: even at 500,000, up to 4 % more below).
+GROUPED_NORMALIZE_MIN_NUMEL = 800_000
 #: From this many samples (each at least ``PER_SAMPLE_MIN_NUMEL`` values) the per-sample reduction and
 #: a second elementwise pass beat the fused native backward on contiguous CPU input at any map size
 #: (measured: 10-20 % faster at 8-32 samples of 7 x 7 to 28 x 28 maps, 10-17 % slower at 2-4).
@@ -146,7 +148,7 @@ def choose(job: str, x: Tensor, groups: int, dy: Tensor | None = None) -> str:
         # slower than the per-sample one, which then pays a second elementwise pass.
         if groups > 1:
             return "two_pass"
-        if cpu and x.is_contiguous() and x.dim() > 2:
+        if cpu and x.is_contiguous() and x.dim() > 2 and (dy is None or dy.is_contiguous()):
             large_maps = x[0, 0].numel() > FUSED_MAX_SPATIAL
             many_samples = x.shape[0] >= FUSED_MAX_BATCH and _per_sample_ok(x)
             if large_maps or many_samples:

@@ -322,7 +322,7 @@ def _stream_backward(
         and ctx.needs_input_grad[0]
         and x.numel() > 0
         and x.dtype == var.dtype == dy.dtype
-        and _kernels.choose("grad_input", x, groups) == "fused"
+        and _kernels.choose("grad_input", x, groups, dy) == "fused"
     )
     center = mean if config.centered else None
     partial, (sum_dy, sum_dy_xhat) = _gradient_sums(dy, x, gr, var, mean, center, step, fused)
@@ -679,8 +679,8 @@ def stream_norm(
             statistics are reduced (see :mod:`mabn._sync`), as a layer does on its first synced
             training call. Default: ``False``.
         verify_sync: read the fingerprint that travels with the reduced statistics and raise if the
-            ranks' calls differ, as a layer does on every CPU call, where it costs nothing extra.
-            Default: ``False``.
+            ranks' calls differ. The layers pass ``True`` on every CPU call, where it costs nothing
+            extra (on a GPU it is a host read). Default: ``False``: no check.
 
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.

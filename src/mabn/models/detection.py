@@ -111,8 +111,7 @@ class LevelTower(nn.Module):
     ) -> None:
         super().__init__()
         for name, value, low in (("channels", channels, 1), ("num_convs", num_convs, 0), ("num_levels", num_levels, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(name, value, low)
         self.convs = nn.ModuleList(conv(channels, channels, 3, padding=1, bias=False) for _ in range(num_convs))
         self.norms = nn.ModuleList(nn.ModuleList(norm(channels) for _ in range(num_convs)) for _ in range(num_levels))
         self.relu = nn.ReLU(inplace=True)
@@ -311,7 +310,7 @@ def fcos_resnet_small(
         ``model.eval()(images)`` the detections (see torchvision's ``FCOS``).
 
     Raises:
-        ValueError: a bad size or option (named in the message).
+        TypeError: a size that is not an int. ValueError: a bad size or option (named in the message).
     """
     conv, _ = resolve_conv(conv_layer)
     backbone = _backbone(
@@ -428,7 +427,8 @@ def maskrcnn_resnet_small(
         The detector, in training mode (see torchvision's ``MaskRCNN``).
 
     Raises:
-        ValueError: ``norm_batch_size`` given, or a bad size or option.
+        TypeError: a size that is not an int. ValueError: ``norm_batch_size`` given, or a bad size or
+        option.
     """
     if norm_kwargs.get("norm_batch_size") is not None:
         raise ValueError(

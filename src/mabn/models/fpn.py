@@ -64,8 +64,9 @@ class FeaturePyramid(EncoderDecoder):
           for each level's stride :math:`s` (ceil-halving convolutions).
 
     Raises:
-        TypeError: ``encoder`` is not a ResNet. ValueError: bad ``stages``, ``out_channels`` or
-        ``extra_levels`` (named in the message).
+        TypeError: ``encoder`` is not a ResNet, or a size that is not an int. ValueError: bad
+        ``stages``, ``out_channels`` or ``extra_levels`` (named in the message). A refused call
+        leaves ``encoder`` as it was.
 
     Example::
 
@@ -87,7 +88,7 @@ class FeaturePyramid(EncoderDecoder):
         conv_layer: ConvSpec = None,
     ) -> None:
         super().__init__()
-        conv, norm = self._attach(encoder, norm_layer, norm_kwargs, conv_layer)
+        conv, norm = self._choices(encoder, norm_layer, norm_kwargs, conv_layer)
         check_int("out_channels", out_channels, 1)
         check_int("extra_levels", extra_levels, 0)
         chosen = list(range(encoder.num_stages)) if stages is None else list(stages)
@@ -95,6 +96,7 @@ class FeaturePyramid(EncoderDecoder):
             raise ValueError(
                 f"stages must be increasing indices of the encoder's {encoder.num_stages} stages, got {stages!r}"
             )
+        self._take(encoder)
         self.stages = chosen
         self.out_channels = out_channels
         width = out_channels

@@ -307,19 +307,22 @@ class EncoderDecoder(nn.Module):
 
     encoder: ResNet
 
-    def _attach(
-        self, encoder: ResNet, norm_layer: NormSpec, norm_kwargs: dict[str, Any] | None, conv_layer: ConvSpec
+    @staticmethod
+    def _choices(
+        encoder: ResNet, norm_layer: NormSpec, norm_kwargs: dict[str, Any] | None, conv_layer: ConvSpec
     ) -> tuple[Callable[..., nn.Module], NormBuilder]:
-        """Take ``encoder`` (its ``fc`` replaced by ``Identity``); return the conv class and the norm builder."""
+        """Check the shared arguments; return the conv class and the norm builder (nothing changed yet)."""
         if not isinstance(encoder, ResNet):
             raise TypeError(f"encoder must be a mabn.models.ResNet, got {type(encoder).__name__}")
         if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
             raise TypeError(f"norm_kwargs must be a dict or None, got {norm_kwargs!r}")
         conv, _ = resolve_conv(conv_layer)
-        norm = NormBuilder(norm_layer, dict(norm_kwargs or {}))
+        return conv, NormBuilder(norm_layer, dict(norm_kwargs or {}))
+
+    def _take(self, encoder: ResNet) -> None:
+        """Own ``encoder``, its classifier replaced by ``Identity`` (once every argument is checked)."""
         encoder.fc = nn.Identity()
         self.encoder = encoder
-        return conv, norm
 
     @property
     def checkpoint_stages(self) -> bool:

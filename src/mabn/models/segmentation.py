@@ -85,9 +85,10 @@ class SegmentationFPN(EncoderDecoder):
         conv_layer: ConvSpec = None,
     ) -> None:
         super().__init__()
-        conv, norm = self._attach(encoder, norm_layer, norm_kwargs, conv_layer)
+        conv, norm = self._choices(encoder, norm_layer, norm_kwargs, conv_layer)
         num_classes = check_int("num_classes", num_classes, 1)
         width = check_int("decoder_channels", decoder_channels, 1)
+        self._take(encoder)
         channels = list(encoder.stage_channels)
         self.lateral = nn.ModuleList(nn.Sequential(conv(c, width, 1, bias=False), norm(width)) for c in channels)
         self.upsample = nn.ModuleList(

@@ -35,10 +35,11 @@ class Distributed:
         return float(t) / self.world
 
     def close(self, finished: bool = True) -> None:
-        """Leave the process group: after a barrier when every process finished, so none tears it down early.
+        """Destroy the process group once every process has finished (after a barrier, so none tears it down early).
 
-        After an error only this process leaves: the others may be inside a collective, where a
-        collective teardown would wait for them forever; torchrun ends them.
+        After an error nothing is torn down: the other processes may be inside a collective, where a
+        teardown would wait for them forever; the process exits with the error and torchrun ends the
+        others.
         """
         if not (self.active and dist.is_initialized()):
             return
