@@ -59,8 +59,8 @@ PER_SAMPLE_MIN_NUMEL = 1 << 14
 #: faster one on contiguous CPU input (measured: 28 x 28 maps faster fused, 56 x 56 two-pass).
 FUSED_MAX_SPATIAL = 1024
 #: From this many values a channels_last CPU input is normalized by one broadcast ``addcmul``, faster
-#: there than the native kernel (measured: 1-7 % less forward+backward time from 800,000 values,
-#: even at 500,000, up to 4 % more below).
+#: there than the native kernel (measured: 1-7 % less forward+backward time from 800,000 values, equal
+#: at 500,000, up to 4 % more below).
 GROUPED_NORMALIZE_MIN_NUMEL = 800_000
 #: From this many samples (each at least ``PER_SAMPLE_MIN_NUMEL`` values) the per-sample reduction and
 #: a second elementwise pass beat the fused native backward on contiguous CPU input at any map size
