@@ -6,14 +6,14 @@ training step (forward, backward, SGD step) in a fresh process and reports:
 
 * saved activations: the largest total of the storages autograd saves for backward during one
   forward (``torch.autograd.graph.saved_tensors_hooks``; each storage once, parameters left out):
-  exact, and the same on any device (a centered weight that a WC layer keeps for backward counts:
+  exact, and the same on any device (a centralized weight that a WC layer keeps for backward counts:
   it is computed in each forward);
 * peak memory: the process's peak resident memory during the step minus its resident memory just
   before it (model, optimizer and the batch already allocated), from ``/proc/self/status``.
 
-A row "as before" runs the WC layers the way they worked before they stopped keeping their centered
-weight for backward (the convolution applied to ``centered_weight()`` through autograd, which saves
-it), so that the saving is measured within one run. A second table isolates what the centering holds:
+A row "as before" runs the WC layers the way they worked before they stopped keeping their centralized
+weight for backward (the convolution applied to ``centralized_weight()`` through autograd, which saves
+it), so that the saving is measured within one run. A second table isolates what the centralization holds:
 the storages one forward of the model saves for backward, parameters left out and each storage once,
 with plain convolutions, with the WC layers, and with the WC layers as before.
 
@@ -33,7 +33,7 @@ CONFIGS = {
     "BN, batch 32": {"norm": "bn", "kwargs": {}, "micro": 32},
     "MABN(2)+WC, batch 32": {"norm": "mabn", "kwargs": {"norm_batch_size": 2}, "micro": 32},
     "MABN(2)+WC, 16 x 2 accumulated": {"norm": "mabn", "kwargs": {"norm_batch_size": 2, "accumulate": 16}, "micro": 2},
-    "MABN(2)+WC as before (centered weights saved), 16 x 2 accumulated": {
+    "MABN(2)+WC as before (centralized weights saved), 16 x 2 accumulated": {
         "norm": "mabn",
         "kwargs": {"norm_batch_size": 2, "accumulate": 16},
         "micro": 2,
@@ -41,11 +41,11 @@ CONFIGS = {
     },
 }
 
-#: The convolutions of the centering table: (label, conv_layer, WC as before).
-CENTERING = {
+#: The convolutions of the centralization table: (label, conv_layer, WC as before).
+CENTRALIZATION = {
     "Conv2d (no WC)": (None, False),
     "CenConv2d (WC: the raw weight saved, centered again in backward)": ("centralized", False),
-    "CenConv2d as before (WC: the centered weight saved)": ("centralized", True),
+    "CenConv2d as before (WC: the centralized weight saved)": ("centralized", True),
 }
 
 
@@ -58,7 +58,7 @@ def _status(key: str) -> int:
 
 
 def _previous_wc(model):
-    """Make the model's WC layers apply their centered weight through autograd, as they did before."""
+    """Make the model's WC layers apply their centralized weight through autograd, as they did before."""
     import types
 
     import torch.nn.functional as F
@@ -66,10 +66,10 @@ def _previous_wc(model):
     import mabn
 
     def conv_forward(self, input):
-        return self._conv_forward(input, self.centered_weight(), self.bias)
+        return self._conv_forward(input, self.centralized_weight(), self.bias)
 
     def linear_forward(self, input):
-        return F.linear(input, self.centered_weight(), self.bias)
+        return F.linear(input, self.centralized_weight(), self.bias)
 
     for m in model.modules():
         if isinstance(m, mabn.CenLinear):
@@ -122,7 +122,7 @@ def child(name: str, size: int) -> dict:
     return {"saved": peak_saved[0], "peak": _status("VmHWM") - before}
 
 
-def centering_child(size: int, batch: int = 2) -> dict:
+def centralization_child(size: int, batch: int = 2) -> dict:
     """Bytes saved for backward (parameters left out) by one forward of ResNet-50 (MABN(2)) per kind of convolution."""
     import torch
 
@@ -132,7 +132,7 @@ def centering_child(size: int, batch: int = 2) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     results = {}
-    for label, (conv, previous) in CENTERING.items():
+    for label, (conv, previous) in CENTRALIZATION.items():
         model = mabn.models.resnet50(norm_layer="mabn", conv_layer=conv, norm_batch_size=2)
         if previous:
             _previous_wc(model)
@@ -157,15 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="image side (default: 224)")
     parser.add_argument("--quick", action="store_true", help="64 px: checks that it runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--centering-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--centralization-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     size = 64 if args.quick else args.size
     if args.child:
         print(json.dumps(child(args.child, size)))
         return 0
-    if args.centering_child:
-        print(json.dumps(centering_child(size)))
+    if args.centralization_child:
+        print(json.dumps(centralization_child(size)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    cmd = [sys.executable, __file__, "--centering-child", "--size", str(size)]
+    cmd = [sys.executable, __file__, "--centralization-child", "--size", str(size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    centering = json.loads(out.strip().splitlines()[-1])
-    print(f"centering: {centering}", file=sys.stderr, flush=True)
+    centralization = json.loads(out.strip().splitlines()[-1])
+    print(f"centralization: {centralization}", file=sys.stderr, flush=True)
     ref = results["MABN(2)+WC, batch 32"]
     lines = [
         f"# Activation memory of a ResNet-50 training step, {size} x {size} px, gradient batch 32",
@@ -195,29 +195,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak'] / ref['peak']:.3f} |"
         )
     acc = results["MABN(2)+WC, 16 x 2 accumulated"]
-    before = results["MABN(2)+WC as before (centered weights saved), 16 x 2 accumulated"]
+    before = results["MABN(2)+WC as before (centralized weights saved), 16 x 2 accumulated"]
     ratio = acc["saved"] / ref["saved"]
     lines += [
         "",
         f"Target: activation memory of the accumulated step ≤ 1/8 of batch 32's: {ratio:.3f}, "
         f"{'met' if ratio <= 1 / 8 else 'missed'}. The step's peak also holds what does not scale with the "
         f"batch (gradients, momentum): {acc['peak'] / ref['peak']:.3f} of batch 32's. With the WC layers as "
-        f"before, which kept each forward's centered weight for backward: {before['peak'] / ref['peak']:.3f} "
+        f"before, which kept each forward's centralized weight for backward: {before['peak'] / ref['peak']:.3f} "
         f"({before['saved'] / 2**20:.1f} MiB saved per micro-batch instead of {acc['saved'] / 2**20:.1f}); the "
         "previous version of this table, measured with those layers, gave 0.159.",
         "",
-        f"## What the centering holds: one forward of ResNet-50 with MABN(2), batch {centering['batch']}, {size} px",
+        f"## What the centralization holds: one forward of ResNet-50 with MABN(2), batch {centralization['batch']}, {size} px",
         "",
         "Storages saved for backward (`torch.autograd.graph.saved_tensors_hooks`, each storage once; the "
         "parameters left out, since the model holds them anyway: a plain convolution saves its weight, the "
         "WC layers now save the same raw weight); the last column is the difference to plain convolutions. "
-        f"The convolution and linear weights of the model are {centering['weights'] / 2**20:.1f} MiB.",
+        f"The convolution and linear weights of the model are {centralization['weights'] / 2**20:.1f} MiB.",
         "",
         "| convolutions | saved for backward (MiB) | beyond plain convolutions (MiB) |",
         "|---|---|---|",
     ]
-    plain = centering["saved"]["Conv2d (no WC)"]
-    for label, nbytes in centering["saved"].items():
+    plain = centralization["saved"]["Conv2d (no WC)"]
+    for label, nbytes in centralization["saved"].items():
         lines.append(f"| {label} | {nbytes / 2**20:.1f} | {(nbytes - plain) / 2**20:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)

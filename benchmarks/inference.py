@@ -9,9 +9,9 @@ Every model is ResNet-50 (ImageNet layout, 1000 classes) in evaluation mode, flo
 * optionally (``--unfolded``) BN and MABN + WC without folding.
 
 Running statistics are calibrated on one random batch (so activations keep a normal scale; no
-denormals), then the models are timed interleaved: each round runs every model in a fresh random
-order, ``--iters`` forward passes per batch size, and the figures are medians over ``--rounds``
-rounds. Ratios to "BN folded" are medians of the per-round ratios (each round's models ran within
+denormals), then the models are timed interleaved (``interleaved.py``): each round runs every model
+at every batch size in a fresh random order, ``--iters`` forward passes per batch size, and the
+figures are medians over ``--rounds`` rounds. Ratios to "BN folded" are medians of the per-round ratios (each round's models ran within
 seconds of each other, so a slow period of the shared machine hits them alike).
 
 OpenMP threads sleep instead of spinning while they wait (``OMP_WAIT_POLICY=PASSIVE`` unless the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime
 
 import torch  # noqa: E402
+from interleaved import interleaved_rounds  # noqa: E402  (beside this script)
 from torch import nn  # noqa: E402
 
 import mabn  # noqa: E402
@@ -80,14 +80,6 @@ def build_models(size: int, unfolded: bool) -> dict[str, nn.Module]:
     return out
 
 
-def _time(model: nn.Module, x: torch.Tensor, iters: int) -> float:
-    """Seconds per forward pass, averaged over ``iters`` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    return (time.perf_counter() - start) / iters
-
-
 def run_benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -96,22 +88,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     names = list(nets)
     inputs = {b: torch.randn(b, 3, args.image_size, args.image_size) for b in args.batch_sizes}
     iters = dict(zip(args.batch_sizes, args.iters))
-    rng = random.Random(args.seed)
     # samples[batch][name] = seconds per pass, one entry per round
-    samples: dict[int, dict[str, list[float]]] = {b: {n: [] for n in names} for b in args.batch_sizes}
-    with torch.inference_mode():
-        for b in args.batch_sizes:  # warm-up: allocator, oneDNN primitive caches
-            for n in names:
-                _time(nets[n], inputs[b], 1)
-        for r in range(args.rounds):
-            for b in args.batch_sizes:
-                order = names[:]
-                rng.shuffle(order)
-                for n in order:
-                    samples[b][n].append(_time(nets[n], inputs[b], iters[b]))
-            done = {b: {n: samples[b][n][-1] for n in names} for b in args.batch_sizes}
-            line = "  ".join(f"b{b}: " + " ".join(f"{b / done[b][n]:.1f}" for n in names) for b in args.batch_sizes)
-            print(f"round {r + 1}/{args.rounds}  images/s  {line}", flush=True)
+    samples = interleaved_rounds(nets, inputs, args.rounds, iters, args.seed, label="b{}")
     return {
         "names": names,
         "samples": samples,

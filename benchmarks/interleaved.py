@@ -1,7 +1,9 @@
-"""Interleaved inference timing shared by the inference benchmarks (``dense_inference.py``, ``detection_inference.py``).
+"""Interleaved inference timing shared by the inference benchmarks (``inference.py``, ``dense_inference.py``,
+``detection_inference.py``).
 
-Each round runs every model at every size in a fresh random order, ``iters`` passes each; a table
-reports medians over the rounds and, per model, the median of its per-round ratio to a reference.
+Each round runs every model on every input (an image size or a batch size) in a fresh random order,
+``iters`` passes each; a table reports medians over the rounds and, per model, the median of its
+per-round ratio to a reference.
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ def seconds_per_pass(model: nn.Module, x: torch.Tensor, iters: int) -> float:
 
 
 def interleaved_rounds(
-    nets: Mapping[str, nn.Module], inputs: Mapping[int, torch.Tensor], rounds: int, iters: int, seed: int
+    nets: Mapping[str, nn.Module],
+    inputs: Mapping[int, torch.Tensor],
+    rounds: int,
+    iters: int | Mapping[int, int],
+    seed: int,
+    label: str = "{}px",
 ) -> Samples:
-    """size -> name -> seconds per image, one entry per round (after one warm-up pass of each)."""
+    """input key -> name -> seconds per pass, one entry per round (after one warm-up pass of each).
+
+    ``iters`` is the passes per round, one count or one per input key; ``label`` formats a key in the
+    progress lines (``"{}px"`` for image sizes, ``"b{}"`` for batch sizes).
+    """
     names = list(nets)
+    passes = {s: iters if isinstance(iters, int) else iters[s] for s in inputs}
     samples: Samples = {s: {n: [] for n in names} for s in inputs}
     rng = random.Random(seed)
     with torch.no_grad():
@@ -39,9 +51,11 @@ def interleaved_rounds(
             pairs = [(s, n) for s in inputs for n in names]
             rng.shuffle(pairs)
             for s, n in pairs:
-                samples[s][n].append(seconds_per_pass(nets[n], inputs[s], iters))
-            line = "  ".join(f"{s}px: " + " ".join(f"{1 / samples[s][n][-1]:.2f}" for n in names) for s in inputs)
-            print(f"round {r + 1}/{rounds}  images/s ({', '.join(names)})  {line}", flush=True)
+                samples[s][n].append(seconds_per_pass(nets[n], inputs[s], passes[s]))
+            line = "  ".join(
+                label.format(s) + ": " + " ".join(f"{1 / samples[s][n][-1]:.2f}" for n in names) for s in inputs
+            )
+            print(f"round {r + 1}/{rounds}  passes/s ({', '.join(names)})  {line}", flush=True)
     return samples
 
 

@@ -3,9 +3,10 @@
     python benchmarks/operation_counts.py --out results/operation_counts.md
 
 Counts every layer class of the package (every GeneralBatchNorm2d preset too), torch's BatchNorm2d
-and GroupNorm, at G = 1 and G = 4 normalization groups, with the CPU dispatch (contiguous and
-channels_last), with the generic paths a GPU runs (``mabn._kernels.use_paths(cpu_specific=False)``)
-and with the statistics synced over 2 gloo processes (counted on rank 0). What is counted and how:
+and GroupNorm, at G = 1 and G = 4 normalization groups, with the fused CPU step (the default on a
+CPU), the composed CPU paths (a CPU without a C compiler), the generic paths a GPU runs
+(``mabn.kernels.use_paths(cpu_specific=False)``), contiguous and channels_last, and with the
+statistics synced over 2 gloo processes (counted on rank 0). What is counted and how:
 ``mabn.apps.opcount``. Counts are deterministic: the same on every run and machine with the same
 torch.
 """
@@ -24,19 +25,21 @@ from mabn.apps.opcount import COUNT_SHAPE, LARGE_MAP_SHAPE, LAYERS, OperationCou
 GROUPS = (1, 4)
 REFERENCE = "nn.BatchNorm2d"
 
-#: (title, input shape, channels_last, cpu_specific, synced)
+#: (title, input shape, channels_last, dispatch, synced)
 SETTINGS = [
-    ("CPU dispatch, contiguous", COUNT_SHAPE, False, True, False),
-    ("CPU dispatch, contiguous, large maps", LARGE_MAP_SHAPE, False, True, False),
-    ("CPU dispatch, channels_last", COUNT_SHAPE, True, True, False),
-    ("generic paths (what a GPU runs), contiguous", COUNT_SHAPE, False, False, False),
-    ("generic paths (what a GPU runs), channels_last", COUNT_SHAPE, True, False, False),
-    ("synced over 2 gloo processes, CPU dispatch, contiguous", COUNT_SHAPE, False, True, True),
-    ("synced over 2 gloo processes, generic paths, contiguous", COUNT_SHAPE, False, False, True),
+    ("fused CPU step, contiguous", COUNT_SHAPE, False, "fused", False),
+    ("fused CPU step, channels_last", COUNT_SHAPE, True, "fused", False),
+    ("composed CPU paths, contiguous", COUNT_SHAPE, False, "composed", False),
+    ("composed CPU paths, contiguous, large maps", LARGE_MAP_SHAPE, False, "composed", False),
+    ("composed CPU paths, channels_last", COUNT_SHAPE, True, "composed", False),
+    ("generic paths (what a GPU runs), contiguous", COUNT_SHAPE, False, "generic", False),
+    ("generic paths (what a GPU runs), channels_last", COUNT_SHAPE, True, "generic", False),
+    ("synced over 2 gloo processes, fused CPU step, contiguous", COUNT_SHAPE, False, "fused", True),
+    ("synced over 2 gloo processes, generic paths, contiguous", COUNT_SHAPE, False, "generic", True),
 ]
 
 
-def _synced(shape: tuple[int, int, int, int]) -> dict[tuple[str, int, bool], OperationCount]:
+def _synced(shape: tuple[int, int, int, int]) -> dict[tuple[str, int, str], OperationCount]:
     import json
 
     import torch.multiprocessing as mp
@@ -48,10 +51,10 @@ def _synced(shape: tuple[int, int, int, int]) -> dict[tuple[str, int, bool], Ope
             raw = json.load(f)
     counts = {}
     for key, value in raw.items():
-        name, groups, cpu = key.split("|")
+        name, groups, dispatch = key.split("|")
         count = OperationCount(value["ops"], value["views"])
         count.left_out.update(value["left_out"])
-        counts[(name, int(groups), cpu == "True")] = count
+        counts[(name, int(groups), dispatch)] = count
     return counts
 
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 if sync:
                     table[(name, g)] = synced.get((name, g, cpu))
                 else:
-                    table[(name, g)] = count_layer(name, g, shape=shape, channels_last=channels_last, cpu_specific=cpu)
+                    table[(name, g)] = count_layer(name, g, shape=shape, channels_last=channels_last, dispatch=cpu)
         tables[title] = table
     # torch's BatchNorm2d has no synced CPU form (SyncBatchNorm runs on GPUs): the synced ratios are to the
     # unsynced BatchNorm2d of the same dispatch.
@@ -100,13 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         f"    {command}",
         "",
         f"torch {torch.__version__.split('+')[0]}. Input {n} x {c} x {h} x {w} (float32): G = 1 is one group of "
-        f"{n} samples, G = 4 four groups of 1 (`norm_batch_size`). On contiguous CPU input the dispatch depends "
-        f"on the sizes: each sample here has {c * h * w} values, enough for the per-sample statistics, and each "
+        f"{n} samples, G = 4 four groups of 1 (`norm_batch_size`). The fused CPU step (the default on a CPU with "
+        "a C compiler) is one native call per direction whatever the layer and G; what is left are its "
+        "allocations (output, gradients, the statistics it keeps for backward) and its host reads of the counters "
+        "(`_local_scalar_dense`: a memory read on a CPU, not a synchronization). The composed CPU paths (a CPU "
+        "without a compiler) depend on the sizes: each sample here has "
+        f"{c * h * w} values, enough for the per-sample statistics, and each "
         f"map {h * w}, small enough for the fused native backward, as ResNet-50's 28 x 28, 14 x 14 and 7 x 7 maps "
         f"at 1-2 images per device; the *large maps* table uses {' x '.join(map(str, LARGE_MAP_SHAPE))} (the "
         "paths of the 56 x 56 and 112 x 112 maps, whose backward reduces sample by sample: at N samples, N "
-        "native calls). Layers are past their warm-ups (built with warm-ups of 2 steps, the same phase tables "
-        "as the defaults, and called 3 times first), renormalization active; the counted call is the 4th.",
+        "native calls). The generic paths are what every other device runs: each operation a kernel launch, "
+        "none reads the host. Layers are past their warm-ups (built with warm-ups of 2 steps, the same phase "
+        "tables as the defaults, and called 3 times first), renormalization active; the counted call is the 4th.",
         "",
         "What counts (`src/mabn/apps/opcount.py`): every operator call that reaches the dispatcher below autograd "
         "during the layer's forward and its backward, seen by a `TorchDispatchMode`. **total** counts them all; "
@@ -152,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             cells = [*_cell(g1), *_cell(g4), _ratio(g1, ref), _ratio(g4, ref)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     by_name = (
-        ("CPU dispatch, contiguous", 1),
-        ("CPU dispatch, contiguous, large maps", 1),
+        ("fused CPU step, contiguous", 1),
+        ("composed CPU paths, contiguous", 1),
+        ("generic paths (what a GPU runs), contiguous", 1),
         ("generic paths (what a GPU runs), contiguous", 4),
     )
     for title, groups in by_name:

@@ -1,4 +1,4 @@
-"""Weight-centralized layers: the plain layer with centered weights, gradients through the centering."""
+"""Weight-centralized layers: the plain layer with centralized weights, gradients through the centralization."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("cen_cls,torch_cls,shape,kwargs", CASES)
-def test_equals_plain_layer_with_centered_weights(cen_cls, torch_cls, shape, kwargs):
+def test_equals_plain_layer_with_centralized_weights(cen_cls, torch_cls, shape, kwargs):
     cen = cen_cls(**kwargs, dtype=torch.float64)
     plain = torch_cls(**kwargs, dtype=torch.float64)
     plain.load_state_dict(cen.state_dict())  # same parameters, same state dict keys
@@ -55,13 +55,14 @@ def test_equals_plain_layer_with_centered_weights(cen_cls, torch_cls, shape, kwa
     ref.backward(dy)
     cen(x).backward(dy)
     assert_close(cen.weight.grad, w.grad)
-    # The gradient reaching the raw weight is itself centered: the centering is in the graph.
+    # The gradient reaching the raw weight is itself centralized: the centralization is in the graph.
     assert_close(cen.weight.grad.mean(dim=tuple(range(1, w.dim()))), torch.zeros(w.shape[0], dtype=torch.float64))
     assert isinstance(cen, torch_cls)
 
 
-def test_centered_weight_has_zero_mean_per_output_channel():
+def test_centralized_weight_has_zero_mean_per_output_channel():
     conv = mabn.CenConv2d(3, 5, 3)
-    wc = conv.centered_weight()
+    wc = conv.centralized_weight()
+    assert torch.equal(conv.centered_weight(), wc)  # the former name
     assert_close(wc.mean(dim=(1, 2, 3)), torch.zeros(5))
     assert_close(wc, mabn.centralize_weight(conv.weight))

@@ -50,7 +50,7 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
 
 @pytest.mark.parametrize(
     ("norm", "cls"),
-    [("mabn", mabn.MABN2d), ("ghost_bn", mabn.GhostBatchNorm2d), ("brn", mabn.BatchRenorm2d),
+    [("mabn", mabn.MABN2d), (mabn.GhostBatchNorm2d, mabn.GhostBatchNorm2d), ("brn", mabn.BatchRenorm2d),
      ("uncentered", mabn.GeneralBatchNorm2d), ("gn", nn.GroupNorm), (mabn.MABN2d, mabn.MABN2d)],
 )  # fmt: skip
 def test_every_norm_is_replaced(norm, cls):
@@ -92,7 +92,7 @@ def test_mabn_running_var_is_seeded_with_the_second_moment():
 
 def test_carried_hyper_parameters():
     bn = nn.Sequential(nn.BatchNorm2d(4, eps=1e-3, momentum=0.3, affine=False))
-    ghost = mabn.convert_model(copy.deepcopy(bn), "ghost_bn", norm_batch_size=2)[0]
+    ghost = mabn.convert_model(copy.deepcopy(bn), "bn", norm_batch_size=2)[0]
     assert (ghost.eps, ghost.momentum, ghost.affine, ghost.norm_batch_size) == (1e-3, 0.3, False, 2)
     m = mabn.convert_model(copy.deepcopy(bn), "mabn")[0]
     assert (m.eps, m.momentum, m.affine) == (1e-3, 0.02, False)  # momentum of another form is not carried
@@ -105,7 +105,7 @@ def test_carried_hyper_parameters():
 
 @pytest.mark.parametrize(
     ("norm", "kwargs"),
-    [("ghost_bn", {}), ("bn", {"norm_batch_size": 2}), ("brn", {"norm_batch_size": 2}), ("bn", {})],
+    [(mabn.GhostBatchNorm2d, {}), ("bn", {"norm_batch_size": 2}), ("brn", {"norm_batch_size": 2}), ("bn", {})],
 )  # fmt: skip
 def test_bn_model_round_trip_is_exact(norm, kwargs):
     model = _bn_model()
@@ -142,7 +142,7 @@ def test_centered_eval_maps_are_unchanged_by_conversion():
     model = _bn_model(F64).eval()
     x = torch.randn(3, 3, 8, 8, dtype=F64)
     expected = model(x)
-    converted = mabn.convert_model(model, "ghost_bn")
+    converted = mabn.convert_model(model, mabn.GhostBatchNorm2d)
     assert_close(converted(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -157,13 +157,15 @@ def test_revert_keeps_the_eval_map_of_mabn():
     assert_close(back(x), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_revert_with_centered_weights_keeps_the_function():
+def test_revert_with_centralized_weights_keeps_the_function():
     model = models.resnet_small(conv_layer="centralized", width=4).eval()
     x = torch.randn(2, 1, 12, 12)
     expected = model(x)
     raw = mabn.revert_model(copy.deepcopy(model))
-    assert not torch.allclose(raw(x), expected)  # raw weights: centering dropped
-    baked = mabn.revert_model(model, centered_weights=True)
+    assert not torch.allclose(raw(x), expected)  # raw weights: centralization dropped
+    baked = mabn.revert_model(copy.deepcopy(model), centralized_weights=True)
+    former = mabn.revert_model(model, centered_weights=True)  # the former name of the keyword
+    assert_close(former(x), baked(x), rtol=0, atol=0)
     assert type(baked.conv1) is nn.Conv2d and type(baked.fc) is nn.Linear
     assert_close(baked(x), expected)
 
@@ -182,7 +184,7 @@ def test_same_stream_carries_windows_and_counters():
 def test_call_count_carries_over_unless_a_window_must_refill():
     model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
     model(torch.randn(4, 2, 3, 3))
-    for norm, count in [("ghost_bn", 1), ("brn", 1), ("bn_ema_sma", 0), ("mabn", 0), ("uncentered", 0)]:
+    for norm, count in [(mabn.GhostBatchNorm2d, 1), ("brn", 1), ("bn_ema_sma", 0), ("mabn", 0), ("uncentered", 0)]:
         assert mabn.convert_model(copy.deepcopy(model), norm)[1].num_batches_tracked.item() == count, norm
 
 
@@ -193,6 +195,30 @@ def test_settings_of_the_same_kind_of_layer_carry_over():
     assert (new.momentum, new.norm_batch_size) == (0.05, 2)
     other = mabn.convert_model(copy.deepcopy(layer), "brn")  # another kind: its own defaults
     assert (other.r_max, other.momentum) == (3.0, 0.1)
+
+
+def test_settings_go_to_the_layers_that_take_them_each_built_once():
+    built = []
+
+    class CountingMABN(mabn.MABN2d):
+        def __init__(self, *args, **kwargs):
+            built.append(sorted(kwargs))
+            super().__init__(*args, **kwargs)
+
+    general = mabn.GeneralBatchNorm2d(3, window=4, r_max=2.0, d_max=1.0, eps=1e-3, norm_batch_size=2)
+    new = mabn.convert_model(nn.Sequential(general), CountingMABN)[0]
+    # MABN's structure: its settings carry over, except d_max, which MABN does not take.
+    assert len(built) == 1 and "d_max" not in built[0]
+    assert (new.window, new.r_max, new.eps, new.norm_batch_size) == (4, 2.0, 1e-3, 2)
+    # A callable of one's own gets the keywords given and nothing else.
+    calls = []
+
+    def make(channels, **kwargs):
+        calls.append(kwargs)
+        return nn.GroupNorm(1, channels, **kwargs)
+
+    mabn.convert_model(nn.Sequential(nn.BatchNorm2d(3, eps=1e-3)), make, eps=1e-4)
+    assert calls == [{"eps": 1e-4}]
 
 
 @pytest.mark.parametrize("dim", [1, 3])

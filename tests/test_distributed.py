@@ -1,4 +1,5 @@
-"""torchrun with two CPU processes: DistributedDataParallel over gloo keeps the replicas identical."""
+"""torchrun with two CPU processes: DistributedDataParallel over gloo keeps the replicas identical;
+what DistributedDataParallel's buffer broadcast does to the layers' statistics."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mabn.apps.train import STATS_LOG
 from mabn.monitor import read_stats_log
@@ -69,3 +71,14 @@ def test_sync_norm_keeps_every_buffer_identical_and_resumes_bit_identically(tmp_
     a = json.loads((tmp_path / "full" / "result.json").read_text())
     b = json.loads((tmp_path / "split" / "result.json").read_text())
     assert a["param_digest"] == b["param_digest"] and a["error"] == b["error"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_ddp_buffer_broadcast_replaces_unsynced_statistics_and_leaves_synced_ones(tmp_path):
+    import ddp_worker
+
+    # Two processes, each checking, for DDP's default, broadcast_buffers=True/False and
+    # forward_sync_buffers=False: an unsynced MABN on rank 1 holds rank 0's windows plus its own last
+    # groups (with a broadcast) or exactly its own stream (without); a synced MABN is identical on
+    # both ranks and bit-identical across the modes (ddp_worker.py).
+    mp.spawn(ddp_worker.run, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

@@ -9,18 +9,18 @@ from torch import nn
 from torch.testing import assert_close
 
 import mabn
-from mabn.factory import default_num_groups
+from mabn.factory import NORMS, canonical_name, default_num_groups
 
 SHAPES = {1: (4, 6, 5), 2: (4, 6, 5, 5), 3: (4, 6, 3, 4, 4)}
 
 EXPECTED = {
     "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-    "ghost_bn": (mabn.GhostBatchNorm1d, mabn.GhostBatchNorm2d, mabn.GhostBatchNorm3d),
     "brn": (mabn.BatchRenorm1d, mabn.BatchRenorm2d, mabn.BatchRenorm3d),
     "mabn": (mabn.MABN1d, mabn.MABN2d, mabn.MABN3d),
     "in": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
     "gn": (nn.GroupNorm,) * 3,
     "ln": (nn.GroupNorm,) * 3,
+    "frozen_bn": (mabn.FrozenBatchNorm1d, mabn.FrozenBatchNorm2d, mabn.FrozenBatchNorm3d),
 }
 
 
@@ -51,11 +51,37 @@ def test_every_preset_name(preset, dim):
 def test_bn_with_norm_batch_size_is_ghost_bn():
     assert type(mabn.create_norm_layer("bn", 4, norm_batch_size=2)) is mabn.GhostBatchNorm2d
     assert type(mabn.create_norm_layer("bn", 4, norm_batch_size=None)) is nn.BatchNorm2d
+    assert type(mabn.create_norm_layer("bn", 4, accumulate=2)) is mabn.GhostBatchNorm2d
+    assert type(mabn.create_norm_layer("bn", 4, accumulate=1)) is nn.BatchNorm2d
 
 
 def test_names_are_case_insensitive_and_accept_dashes():
-    assert type(mabn.create_norm_layer("Ghost-BN", 4)) is mabn.GhostBatchNorm2d
     assert type(mabn.create_norm_layer("MABN", 4)) is mabn.MABN2d
+    assert type(mabn.create_norm_layer("Frozen-BN", 4)) is mabn.FrozenBatchNorm2d
+
+
+def test_one_table_of_names():
+    # Every preset is a name of the factory, of the converter and of the command line, under its own key.
+    batch = [name for name, norm in NORMS.items() if norm.kind == "batch"]
+    assert batch == list(mabn.PRESETS)
+    assert mabn.NORM_NAMES == tuple(NORMS)
+    for name in batch:
+        for dim in (1, 2, 3):
+            layer = mabn.create_norm_layer(name, 4, dim=dim, norm_batch_size=2)
+            assert type(layer) is NORMS[name].classes[dim - 1] and layer.config == dataclasses.replace(
+                mabn.PRESETS[name], norm_batch_size=2
+            )
+    # Only "bn" has torch's twin, and only while no option of the engine is on.
+    assert [name for name, norm in NORMS.items() if norm.torch_classes] == ["bn"]
+    assert [m.__name__ for m in NORMS["bn"].torch_classes] == ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def test_the_former_name_ghost_bn_is_bn():
+    assert canonical_name("Ghost-BN") == "bn" and "ghost_bn" not in mabn.NORM_NAMES
+    assert type(mabn.create_norm_layer("ghost_bn", 4)) is nn.BatchNorm2d
+    assert type(mabn.create_norm_layer("ghost_bn", 4, norm_batch_size=2)) is mabn.GhostBatchNorm2d
+    model = mabn.convert_model(nn.Sequential(nn.BatchNorm2d(4)), "ghost_bn", norm_batch_size=2)
+    assert type(model[0]) is mabn.GhostBatchNorm2d and model[0].norm_batch_size == 2
 
 
 def test_kwargs_reach_the_layer():
@@ -134,7 +160,7 @@ def test_plain_callable():
 def test_unknown_name_lists_known_names():
     with pytest.raises(ValueError, match="unknown norm layer 'batchnorm'") as info:
         mabn.create_norm_layer("batchnorm", 4)
-    for name in ("bn", "ghost_bn", "brn", "mabn", "gn", "ln", "in", *mabn.PRESETS):
+    for name in ("bn", "brn", "mabn", "frozen_bn", "gn", "ln", "in", *mabn.PRESETS):
         assert name in str(info.value)
 
 

@@ -8,7 +8,7 @@ each enforced at one place:
   (``StreamNorm._register_accumulation``);
 * recomputation replays each recorded forward exactly once per backward, for any nesting and any
   number of backward passes (``mabn.recompute``);
-* every statistics kernel path survives the same range of inputs (``mabn._kernels``).
+* every statistics kernel path survives the same range of inputs (``mabn.kernels``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import mabn
-from mabn._kernels import use_paths
+from mabn.kernels import use_paths
 
 F64 = torch.float64
 
@@ -87,6 +87,35 @@ def test_a_state_loaded_mid_step_continues_like_a_fresh_layer_loaded_with_it():
     for x in _micro_batches(3):
         assert torch.equal(interrupted(x), fresh(x))
     _assert_same_buffers(interrupted, fresh)
+
+
+@pytest.mark.parametrize("step", ["fused", "composed"])
+@pytest.mark.parametrize("position", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("preset", ["mabn", "bn", "brn"])
+def test_a_non_finite_micro_batch_contributes_nothing_wherever_it_falls(preset, position, step):
+    # An optimizer step of 3 micro-batches, one of them NaN, leaves every buffer (running statistics,
+    # windows, counters, forward and backward) as a step of its 2 finite micro-batches does, wherever
+    # the NaN one falls; only its own output is NaN. BatchNorm likewise counts every finite forward.
+    kw = dict(norm_batch_size=2, window=4, warmup_iters=2, renorm_warmup_iters=2, momentum=0.5)
+    nan_step = mabn.GeneralBatchNorm2d.from_preset(preset, 3, **kw)
+    finite_step = copy.deepcopy(nan_step)
+    with use_paths(step=step):
+        for _ in range(3):  # the same history for both, past the warm-ups
+            x = torch.randn(2, 3, 4, 4)
+            for layer in (nan_step, finite_step):
+                layer(x.clone().requires_grad_()).sum().backward()
+        nan_step.accumulate, finite_step.accumulate = 3, 2
+        finite = [torch.randn(2, 3, 4, 4) * (1 + i) for i in range(2)]
+        for x in finite:
+            finite_step(x.clone().requires_grad_()).sum().backward()
+        batches = [*finite]
+        batches.insert(position, torch.full((2, 3, 4, 4), float("nan")))
+        for i, x in enumerate(batches):
+            y = nan_step(x.clone().requires_grad_())
+            y.sum().backward()
+            assert bool(torch.isnan(y).all()) == (i == position)
+    _assert_same_buffers(finite_step, nan_step)
+    assert int(nan_step.num_batches_tracked) == 4
 
 
 def test_a_refused_load_mid_step_keeps_the_pending_micro_batch():
@@ -289,20 +318,24 @@ def test_beyond_the_range_of_a_path_the_call_is_rejected_never_stored_wrong(path
 def test_kernel_settings_and_recomputation_contexts_belong_to_their_thread():
     import threading
 
-    from mabn import _kernels, recompute
+    from mabn import recompute
+    from mabn.kernels import choose_paths, site
+
+    def grad_sums_path() -> str:
+        return choose_paths(site(x, 2)).grad_sums
 
     x = torch.randn(4, 3, 4, 4)
     seen: dict[str, object] = {}
     record, _ = mabn.checkpoint_context()
 
     def other() -> None:
-        seen["path"] = _kernels.choose("grad_sums", x, 2, x)
+        seen["path"] = grad_sums_path()
         seen["replay"] = recompute.replayed(12345)
 
     with use_paths(grad_sums="grouped"), record:
-        assert _kernels.choose("grad_sums", x, 2, x) == "grouped"
+        assert grad_sums_path() == "grouped"
         thread = threading.Thread(target=other)
         thread.start()
         thread.join()
-    assert seen["path"] == _kernels.choose("grad_sums", x, 2, x) != "grouped"
+    assert seen["path"] == grad_sums_path() != "grouped"
     assert seen["replay"] is None

@@ -11,8 +11,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mabn
-from mabn import _kernels
-from mabn._kernels import use_paths
+from mabn import kernels
+from mabn.kernels import KERNELS, choose_paths, site, use_paths
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -65,9 +65,11 @@ MOMENT_LAYOUTS = [
 @pytest.mark.parametrize(("path", "groups", "channels_last"), MOMENT_LAYOUTS)
 def test_moments(device, dtype, path, groups, channels_last):
     x = _input(8, device, dtype, channels_last)
-    stat = _kernels.stat_dtype(dtype)
-    mean, var = _kernels.moments(x.to(stat), groups, path)
+    stat = kernels.stat_dtype(dtype)
+    moments = KERNELS["moments"][path](x, groups, stat)
+    mean, var = moments[:, 0], moments[:, 1]
     ref = _grouped64(x, groups)
+    assert moments.dtype == stat
     assert mean.shape == var.shape == (groups, 3)
     assert_close(mean.double(), ref.mean(dim=(1, 3, 4)), **TOL[dtype])
     # Variance relative to the spread of each channel (the mean is 100x larger than some spreads).
@@ -88,9 +90,10 @@ SECOND_MOMENT_CASES = [
 @pytest.mark.parametrize(("path", "groups"), SECOND_MOMENT_CASES)
 def test_second_moment(device, dtype, path, groups, channels_last):
     x = _input(8, device, dtype, channels_last, offset=1.0)
-    got = _kernels.second_moment(x, groups, _kernels.stat_dtype(dtype), path)
+    got = KERNELS["second_moment"][path](x, groups, kernels.stat_dtype(dtype))
     ref = _grouped64(x, groups).square().mean(dim=(1, 3, 4))
-    assert got.shape == (groups, 3) and got.dtype == _kernels.stat_dtype(dtype)
+    assert got.shape == (groups, 1, 3) and got.dtype == kernels.stat_dtype(dtype)
+    got = got[:, 0]
     assert_close(got.double(), ref, rtol=TOL[dtype]["rtol"] * 10, atol=1e-6)
 
 
@@ -102,10 +105,10 @@ GRAD_CASES = [("native", 1), ("chunked", 1), ("chunked", 2), ("native_loop", 4),
 def test_grad_sums(device, dtype, path, groups, centered):
     x = _input(8, device, dtype, offset=0.5)
     dy = torch.randn(x.shape, dtype=torch.float64).to(device=device, dtype=dtype)
-    stat = _kernels.stat_dtype(dtype)
+    stat = kernels.stat_dtype(dtype)
     mean = torch.randn(groups, 3, dtype=stat, device=device) if centered else None
     invstd = torch.rand(groups, 3, dtype=stat, device=device) + 0.5
-    sum_dy, sum_dy_xhat = _kernels.grad_sums(dy, x, mean, invstd, groups, path)
+    sum_dy, sum_dy_xhat = KERNELS["grad_sums"][path](dy, x, mean, invstd, groups)
     dyg, xg = _grouped64(dy, groups), _grouped64(x, groups)
     center = mean.double().view(groups, 1, 3, 1, 1) if centered else 0.0
     ref_dy = dyg.sum(dim=(1, 3, 4))
@@ -115,32 +118,55 @@ def test_grad_sums(device, dtype, path, groups, centered):
     assert_close(sum_dy_xhat.double(), ref_xhat, **tol)
 
 
+def _path(job, x, groups, **flags):
+    return getattr(choose_paths(site(x, groups, **flags)), job)
+
+
 def test_the_dispatch_picks_each_path_where_it_should():
     big = torch.randn(4, 8, 64, 64)  # 32768 elements per sample: per-sample passes on CPU
     small = torch.randn(4, 8, 4, 4)
     cl = big.contiguous(memory_format=torch.channels_last)
-    choose = _kernels.choose
-    assert choose("moments", big, 2) == "per_sample" and choose("moments", small, 2) == "per_sample"
-    assert choose("moments", cl, 2) == "native_loop" and choose("moments", cl, 1) == "native"
-    assert choose("second_moment", big, 2) == "spatial" and choose("second_moment", cl, 1) == "native"
-    assert choose("second_moment", cl, 2) == "native_loop"
-    assert choose("grad_sums", big, 2, big) == "chunked" and choose("grad_sums", small, 2, small) == "native_loop"
-    assert choose("grad_sums", small, 1, small) == "native" and choose("normalize", small, 2) == "grouped"
-    assert choose("grad_input", small, 1) == "fused" and choose("grad_input", small, 2) == "two_pass"
-    assert choose("grad_input", big, 1) == "two_pass" and choose("grad_input", cl, 1) == "fused"
+    assert _path("moments", big, 2) == "per_sample" and _path("moments", small, 2) == "per_sample"
+    assert _path("moments", cl, 2) == "native_loop" and _path("moments", cl, 1) == "native"
+    assert _path("second_moment", big, 2) == "spatial" and _path("second_moment", cl, 1) == "native"
+    assert _path("second_moment", cl, 2) == "native_loop"
+    assert _path("grad_sums", big, 2) == "chunked" and _path("grad_sums", small, 2) == "native_loop"
+    assert _path("grad_sums", small, 1) == "native" and _path("normalize", small, 2) == "grouped"
+    assert _path("grad_input", small, 1) == "fused" and _path("grad_input", small, 2) == "two_pass"
+    assert _path("grad_input", big, 1) == "two_pass" and _path("grad_input", cl, 1) == "fused"
     large_cl = torch.empty(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 2^20 values
-    assert choose("normalize", large_cl, 1) == "grouped" and choose("normalize", cl, 1) == "native"
+    assert _path("normalize", large_cl, 1) == "grouped" and _path("normalize", cl, 1) == "native"
     many = torch.empty(8, 64, 16, 16)  # 8 samples of 16384 values on small maps: per-sample reduction
-    assert choose("grad_input", many, 1) == "two_pass" and choose("grad_input", many[:4], 1) == "fused"
+    assert _path("grad_input", many, 1) == "two_pass" and _path("grad_input", many[:4], 1) == "fused"
+    # BatchNorm's own kernels, for the calls that compute BatchNorm (CPU eager for the forward).
+    assert _path("normalize", small, 1, native_train=True) == "native_train"
+    assert _path("grad_input", small, 1, native_backward=True) == "native"
+    assert _path("control", small, 1) == "host"
     with use_paths(cpu_specific=False):
-        assert choose("moments", big, 2) == "grouped" and choose("second_moment", cl, 2) == "grouped"
-        assert choose("grad_sums", big, 2, big) == "grouped" and choose("moments", big, 1) == "native"
+        assert _path("moments", big, 2) == "grouped" and _path("second_moment", cl, 2) == "grouped"
+        assert _path("grad_sums", big, 2) == "grouped" and _path("moments", big, 1) == "native"
+        assert _path("normalize", small, 1, native_train=True) == "native"  # GPU: statistics, then normalize
+        assert _path("grad_input", small, 1, native_backward=True) == "native"
+        assert _path("control", small, 1) == "device"
     with use_paths(moments="grouped"):
-        assert choose("moments", small, 1) == "grouped"
-    assert choose("moments", small, 1) == "per_sample"  # restored
+        assert _path("moments", small, 1) == "grouped"
+    with use_paths(normalize="native_train"):  # forced where BatchNorm's kernel does not compute the call
+        assert _path("normalize", small, 1) == "native"
+    assert _path("moments", small, 1) == "per_sample"  # restored
     with pytest.raises(ValueError, match="unknown kernel path"):
         with use_paths(moments="fast"):
             pass
+
+
+def test_the_table_has_a_row_for_every_call_and_a_kernel_for_every_path():
+    # The last row of every job holds for any call, and every path a row names is implemented.
+    from mabn.kernels import RULES, STRATEGIES, Site
+
+    anything = Site(False, False, "other", 3, 6, 10, 5, False, False, False, 4)
+    for job, rows in RULES.items():
+        assert rows[-1][1](anything), job
+        known = set(KERNELS.get(job, {})) | set(STRATEGIES.get(job, ()))
+        assert {path for path, _ in rows} <= known, job
 
 
 # The whole layer under each set of paths, against the naive float64 reference of tests/reference.py.
@@ -227,6 +253,10 @@ def test_operations_per_call_do_not_grow_with_the_number_of_groups(preset):
         one, four, sixteen = (_ops_per_call(preset, g) for g in (1, 4, 16))
     assert four == sixteen, (one, four, sixteen)
     assert one <= four + 4, (one, four)
-    # The CPU-specific loops do grow with G (one native call per group): the switch is what removes them.
-    loops = _ops_per_call(preset, 16) if preset.startswith("bn") else None
+    # The composed CPU-specific loops do grow with G (one native call per group): the switch removes them.
+    with use_paths(step="composed"):
+        loops = _ops_per_call(preset, 16) if preset.startswith("bn") else None
     assert loops is None or loops > sixteen
+    # The fused CPU step: one native call per direction, whatever G.
+    with use_paths(step="fused"):
+        assert _ops_per_call(preset, 1) == _ops_per_call(preset, 16) < one

@@ -10,45 +10,39 @@ from torch import nn
 from mabn.apps.opcount import COUNT_SHAPE, LARGE_MAP_SHAPE, OperationCounter, count_forward_backward, count_layer
 
 # The bounds on MABN2d's non-view operations (4 samples, 32 channels), past the warm-ups, derived
-# from how the engine computes a call (src/mabn/functional.py, _stream.py, _kernels.py). Every
-# statistic of a call is one matrix product of tabulated coefficients, so the per-channel work is a
-# fixed list of operations; only the kernel paths over the activations depend on G, the map size and
-# the dispatch.
+# from how the engine computes a call (src/mabn/_fused.py, _step.py, _autograd.py, kernels.py).
 #
-# Forward, G = 1 (22): second moment by spatial norms (vector_norm, mul_, square, sum over the
-#   group's samples: 4); the rows of the product (cat: 1); the coefficients looked up from the
-#   counters (clamp, bucketize, index: 3); the product (mm: 1); the running statistics (lerp: 1);
-#   the finite guard (abs, max, lt, where: 4); r from the product's rows (div, clamp, sqrt_: 3);
-#   gamma * r (mul: 1); the native normalization (native_batch_norm: 1); the buffer commits (where
-#   for the running variance and the window, one _foreach_add_ for the counters: 3).
-# Forward, G = 4 (B = 1: 25): no sum over samples (-1); the grouped normalization instead of the
-#   native one (rsqrt, mul, empty_like, addcmul: +3; uncentered, beta is the shift as it is);
-#   counters advanced by different amounts (mul: +1).
-# Backward, stream part (every setting, 13 at G = 1): g_r / n and Psi (div, mul: 2); the backward
-#   window's coefficients (clamp, bucketize, index: 3), rows and product (cat, mm: 2), finite guard
-#   and commit (abs, max, lt, where, _foreach_add_: 5); grad_weight = r * sum (mul: 1).
-#   At G = 4: +1 mul in the counters' increment, +2 sums of the affine gradients over groups.
-# Backward, reduction and dx:
-#   G = 1, maps up to FUSED_MAX_SPATIAL (CPU and generic): one native_batch_norm_backward reduces and
-#     writes dx's first term, then div and addcmul_ (3): 22 + 16 = 38.
-#   G = 1, CPU, larger maps: rsqrt, zeros_like, one native_batch_norm_backward per sample (N = 4),
-#     stack x 2, sum over chunks x 2 (10), then dx (div, rsqrt, mul, mul, addcmul_: 5): 22 + 28 = 50.
-#   G = 4, CPU: rsqrt, zeros_like, one native call per group (4), stack x 2 (8), dx (5): 25 + 29 = 54.
-#   G = 4, generic: rsqrt and the grouped sums (sum, mul, sum, mul_: 5), dx (5): 25 + 26 = 51.
-# These are today's counts: any growth fails. The target (at most 3x BatchNorm2d's non-view count,
-# 4 on CPU today: 12) is met nowhere yet; lower the bounds as the engine gets there.
+# Fused CPU step (every G, every map size, 9): one native call per direction does the passes and the
+#   vector work, so what is dispatched are its allocations (output, the (4, G, C) statistics it keeps
+#   for backward, dx, grad_weight, grad_bias: 5) and its host reads of the counters (the forward's
+#   phase and fill, the backward's: 4 `_local_scalar_dense`, a memory read on a CPU).
+# Generic paths (what a GPU runs), G = 1 (36): forward 21: E[x^2] from the native statistics
+#   kernel (batch_norm_update_stats, addcmul: 2); the rows of the product (cat: 1); the coefficients
+#   looked up from the counters (clamp, bucketize, index: 3); the product (mm: 1); the running
+#   statistics (lerp: 1); the finite guard (abs, max, lt, where: 4); r (div, clamp, sqrt_: 3);
+#   gamma * r (mul: 1); the native normalization (1); the guarded writes (where x 2) and one
+#   _foreach_add_ for the counters (3). Backward 15: the native backward reduces and writes dx's first
+#   term (1); g_r / n and Psi (div, mul: 2); coefficients (3), rows and product (cat, mm: 2), finite
+#   guard and guarded write (abs, max, lt, where: 4), counters (_foreach_add_: 1); dx's second term
+#   (div, addcmul_: 2); grad_weight = r * sum (mul: 1) -- minus one where the renormalization's r is 1.
+#   At G = 4: the grouped reductions and normalization on a group view instead (51).
+# Composed CPU paths (no C compiler): the CPU-specific kernels of the generic list (per-sample
+#   statistics, a native call per group or per chunk of samples), host reads instead of guards.
+# These are today's counts: any growth fails. BatchNorm2d runs 4 on a CPU.
 MABN2D_NON_VIEW_BOUND = {
-    ("cpu", 1, COUNT_SHAPE): 38,
-    ("cpu", 1, LARGE_MAP_SHAPE): 50,
-    ("cpu", 4, COUNT_SHAPE): 54,
-    ("generic", 1, COUNT_SHAPE): 38,
+    ("fused", 1, COUNT_SHAPE): 9,
+    ("fused", 4, LARGE_MAP_SHAPE): 9,
+    ("composed", 1, COUNT_SHAPE): 34,
+    ("composed", 1, LARGE_MAP_SHAPE): 46,
+    ("composed", 4, COUNT_SHAPE): 48,
+    ("generic", 1, COUNT_SHAPE): 36,
     ("generic", 4, COUNT_SHAPE): 51,
 }
 
 
 @pytest.mark.parametrize("dispatch,groups,shape", list(MABN2D_NON_VIEW_BOUND))
 def test_mabn2d_operations_within_bound(dispatch, groups, shape):
-    count = count_layer("MABN2d", groups, shape=shape, cpu_specific=dispatch == "cpu")
+    count = count_layer("MABN2d", groups, shape=shape, dispatch=dispatch)
     bound = MABN2D_NON_VIEW_BOUND[(dispatch, groups, shape)]
     assert count.non_view <= bound, count.by_name(views=False)
     # Relative to torch's BatchNorm2d, measured here (its count may change with torch).
@@ -58,18 +52,30 @@ def test_mabn2d_operations_within_bound(dispatch, groups, shape):
 
 
 @pytest.mark.parametrize("layer", ["MABN2d", "GhostBatchNorm2d", "BatchRenorm2d"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_fused_step_dispatches_no_kernel_of_its_own(layer, groups):
+    # Whatever the layer and G: allocations, host reads of CPU counters, and no computation.
+    count = count_layer(layer, groups, dispatch="fused")
+    computing = {op for op in count.by_name(views=False) if op.split(".")[1] not in _ALLOCATIONS}
+    assert computing == set(), computing
+
+
+_ALLOCATIONS = {"empty_like", "new_empty", "zeros", "new_zeros", "_local_scalar_dense"}
+
+
+@pytest.mark.parametrize("layer", ["MABN2d", "GhostBatchNorm2d", "BatchRenorm2d"])
 def test_generic_paths_do_not_depend_on_the_number_of_groups(layer):
     # What a GPU runs: one kernel per job whatever G (groups of B >= 2 samples: B = 1 skips a sum).
     shape = (8, 32, 4, 4)
-    counts = [count_layer(layer, g, shape=shape, cpu_specific=False) for g in (2, 4)]
+    counts = [count_layer(layer, g, shape=shape, dispatch="generic") for g in (2, 4)]
     assert counts[0].ops == counts[1].ops
 
 
-@pytest.mark.parametrize("cpu_specific", [True, False])
+@pytest.mark.parametrize("dispatch", ["fused", "composed", "generic"])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_counts_are_deterministic(cpu_specific, groups):
-    first = count_layer("MABN2d", groups, cpu_specific=cpu_specific)
-    second = count_layer("MABN2d", groups, cpu_specific=cpu_specific)
+def test_counts_are_deterministic(dispatch, groups):
+    first = count_layer("MABN2d", groups, dispatch=dispatch)
+    second = count_layer("MABN2d", groups, dispatch=dispatch)
     assert first.ops == second.ops and first.views == second.views
     assert first.total > first.non_view > 0
 
@@ -101,7 +107,7 @@ def test_harness_adds_no_operation_and_no_gradient_accumulation():
 
 
 def test_count_shapes_take_the_cpu_paths_they_stand_for():
-    from mabn._kernels import FUSED_MAX_SPATIAL, PER_SAMPLE_MIN_NUMEL
+    from mabn.kernels import FUSED_MAX_SPATIAL, PER_SAMPLE_MIN_NUMEL
 
     for n, c, h, w in (COUNT_SHAPE, LARGE_MAP_SHAPE):
         assert c * h * w >= PER_SAMPLE_MIN_NUMEL and c % 32 == 0 and n == 4

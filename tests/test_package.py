@@ -53,3 +53,15 @@ def test_version_lives_in_one_place():
     found = re.findall(r"""^__version__\s*=\s*["']([^"']+)["']""", source.read_text(), re.MULTILINE)
     assert found == [mabn.__version__]
     assert re.fullmatch(r"\d+\.\d+\.\d+", mabn.__version__)
+
+
+def test_dir_shows_the_public_api_and_the_public_submodules_only():
+    import mabn
+
+    submodules = {p.stem for p in LIBRARY.glob("*.py") if not p.stem.startswith("_")}
+    submodules |= {p.name for p in LIBRARY.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")} - {"apps"}
+    assert set(dir(mabn)) == {"__version__", *mabn.__all__, *submodules}
+    assert "monitor" in dir(mabn) and "apps" not in dir(mabn)
+    for name in dir(mabn):
+        assert getattr(mabn, name) is not None, name  # lazily loaded names and submodules resolve too
+    assert isinstance(mabn.serialization, type(mabn))

@@ -7,6 +7,7 @@ docstrings make (see ``mabn.MABN2d``).
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,8 @@ def test_refused_state_dict_leaves_the_layer_as_it_was():
     with torch.no_grad():
         bn.weight.fill_(7.0)
         bn.running_var.fill_(3.0)
-    with pytest.raises(RuntimeError, match="mabn.convert_model"):
+    refused = "MABN2d: state dict refused, nothing loaded: missing .*; unexpected running_mean .*mabn.convert_model"
+    with pytest.warns(UserWarning, match=refused), pytest.raises(RuntimeError, match="Unexpected key"):
         layer.load_state_dict(bn.state_dict())
     after = state_copy(layer)
     for k, v in before.items():
@@ -161,14 +163,19 @@ def test_refused_state_dict_leaves_the_layer_as_it_was():
     with pytest.raises(RuntimeError, match="size mismatch forward_window"):
         layer.load_state_dict(bad)
     assert torch.equal(layer.weight, before["weight"])
-    # A partial state dict under strict=True: all of the layer's keys or none.
-    with pytest.raises(RuntimeError, match="Missing key"):
+    # A partial state dict: all of the layer's keys or none, strictly or not.
+    with pytest.warns(UserWarning, match="missing .*bias"), pytest.raises(RuntimeError, match="Missing key"):
         layer.load_state_dict({"weight": torch.full((4,), 2.0)})
     assert torch.equal(layer.weight, before["weight"])
-    # Non-strictly, as torch's layers: the present keys load, the missing ones are reported.
-    result = layer.load_state_dict({"weight": torch.full((4,), 2.0)}, strict=False)
-    assert torch.equal(layer.weight, torch.full((4,), 2.0)) and "bias" in result.missing_keys
-    assert torch.equal(layer.forward_window, before["forward_window"])
+    with pytest.warns(UserWarning, match="nothing loaded: missing .*bias"):
+        result = layer.load_state_dict({"weight": torch.full((4,), 2.0)}, strict=False)
+    assert "bias" in result.missing_keys and not result.unexpected_keys
+    assert torch.equal(layer.weight, before["weight"])
+    # A layer the state dict does not hold at all is reported missing, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = layer.load_state_dict({}, strict=False)
+    assert sorted(result.missing_keys) == sorted(before)
 
 
 def test_version_1_state_dicts_load_into_the_current_layers():

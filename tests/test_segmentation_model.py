@@ -77,7 +77,7 @@ def test_layout():
         ("mabn", mabn.MABN2d),
         ("gn", nn.GroupNorm),
         ("brn", mabn.BatchRenorm2d),
-        ("ghost_bn", mabn.GhostBatchNorm2d),
+        (mabn.GhostBatchNorm2d, mabn.GhostBatchNorm2d),
         (functools.partial(mabn.MABN2d, window=4), mabn.MABN2d),
     ],
 )
@@ -134,7 +134,8 @@ def test_zero_init_residual_reaches_the_encoder():
 
 
 @pytest.mark.parametrize(
-    ("norm", "conv"), [("bn", None), ("mabn", "centralized"), ("brn", None), ("ghost_bn", None), ("mabn", None)]
+    ("norm", "conv"),
+    [("bn", None), ("mabn", "centralized"), ("brn", None), (mabn.GhostBatchNorm2d, None), ("mabn", None)],
 )
 def test_every_norm_folds_exactly(norm, conv):
     model = _small(norm, conv).double()

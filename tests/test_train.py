@@ -458,3 +458,65 @@ def test_the_options_table_builds_the_parser_and_the_defaults():
     assert config["milestones"] == [2.0, 3.0] and config["monitor_layers"] == ["a", "b"] and config["sync_norm"]
     assert trainer.config_from_args(parser.parse_args(["--conv", "centralized"]))["conv"] == "centralized"
     assert trainer.DEFAULTS["norm_kwargs"] == {}  # not shared with (and changed through) a configuration
+
+
+@pytest.mark.slow  # two short training runs of a library's classifier and an ONNX export: 6-10 s
+@pytest.mark.parametrize(
+    "arch,conv", [("timm:test_efficientnet", "centralized"), ("torchvision:mobilenet_v3_small", None)]
+)
+def test_library_classifier_trains_from_a_batchnorm_checkpoint_folds_and_exports(tmp_path, capsys, arch, conv):
+    from conftest import rel_error, run_onnx
+
+    import mabn
+    from mabn.serialization import load_checkpoint, model_from_checkpoint
+
+    # The synthetic data: 1 channel, 4 classes, 12 x 12 images; 64 of them make 4 steps of 16.
+    common = dict(arch=arch, conv=conv, width=None, epochs=1, batch_size=16, limit_train=64, limit_test=32)
+    trainer.train(_config(tmp_path / "bn", norm="bn", **common))
+    pretrained = model_from_checkpoint(load_checkpoint(tmp_path / "bn" / "checkpoint.pt"))
+    init = str(tmp_path / "bn" / "checkpoint.pt")
+    capsys.readouterr()
+    result = trainer.train(_config(tmp_path / "mabn", norm="mabn", norm_batch_size=2, init=init, max_steps=2, **common))
+    assert f"initialized the model from {init} (norms as mabn (function))" in capsys.readouterr().out
+    assert math.isfinite(result["final_train_loss"]) and result["steps"] == 2
+    assert abs(result["error_folded"] - result["error"]) <= 100.0 / 32 + 1e-9  # one prediction may flip
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "mabn" / "checkpoint.pt"))
+    # Every BatchNorm of the library's model is MABN now, and trained 2 steps; its convolutions as --conv.
+    norms = [m for m in model.modules() if mabn.is_norm_layer(m)]
+    assert norms and all(type(m) is mabn.MABN2d and m.config.norm_batch_size == 2 for m in norms)
+    assert all(int(m.num_batches_tracked) == 2 for m in norms)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(m, mabn.CenConv2d) == (conv == "centralized") for m in convs)
+    assert convs[0].in_channels == 1 and model(torch.randn(2, 1, 12, 12)).shape == (2, 4)
+    first = next(m for m in pretrained.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not torch.equal(convs[0].weight, first.weight)  # the BatchNorm run's weights, trained 2 steps
+    # Folding merges every norm into its convolution; the export writes and checks plain layers.
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        folded, report = mabn.fold(model, return_report=True)
+        assert len(report.folded) == len(norms) and not report.unfolded, str(report)
+        assert rel_error(folded(x), expected) < 1e-4
+    onnx = tmp_path / "model.onnx"
+    assert cli.main(["export", str(tmp_path / "mabn" / "checkpoint.pt"), "-o", str(onnx), "--image-size", "16"]) == 0
+    assert arch in capsys.readouterr().out
+    assert rel_error(run_onnx(onnx, x), expected) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("keras:resnet50", "unknown --arch 'keras:resnet50': the library must be one of timm, torchvision"),
+        ("timm:resnet50dd", "timm has no classifier 'resnet50dd'; did you mean timm:resnet50d"),
+        ("torchvision:mobilnet_v3_large", "did you mean torchvision:mobilenet_v3_large"),
+        ("torchvision:fcos_resnet50_fpn", "'torchvision:fcos_resnet50_fpn' is not a classifier"),
+        ("torchvision:squeezenet1_0", "has no BatchNorm for norm 'mabn' to replace (its normalization: none)"),
+    ],
+)
+def test_bad_library_arch_is_a_one_line_error(tmp_path, capsys, arch, message):
+    out = tmp_path / "out"
+    data = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--epochs", "1"]
+    code, err = _cli([*data, "--out", str(out), "--arch", arch, "--norm", "mabn"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()

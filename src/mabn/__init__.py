@@ -9,8 +9,9 @@ application (the ``mabn`` command: training, data, reproduction grids, benchmark
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import importlib as _importlib
+import pkgutil as _pkgutil
+from typing import Any as _Any
 
 from . import adapters, models
 from .adapters import NormAdapter, is_frozen_batch_norm, register_norm_adapter, unregister_norm_adapter
@@ -36,7 +37,7 @@ from .modules import (
     MABN3d,
     StreamNorm,
 )
-from .recalibrate import recalibrate
+from .recalibrate import recalibrate, update_bn
 from .recompute import checkpoint, checkpoint_context
 
 __version__ = "0.2.0"
@@ -48,17 +49,24 @@ _LAZY = {
     "export_model": "mabn.export",
 }
 
+#: The library's public submodules, each importable as ``mabn.<name>`` on first use (the
+#: application, ``mabn.apps``, is not part of the library).
+_SUBMODULES = tuple(m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name != "apps")
 
-def __getattr__(name: str) -> Any:
+
+def __getattr__(name: str) -> _Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mabn' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public API and the public submodules."""
+    return sorted({"__version__", *__all__, *_SUBMODULES})
 
 
 __all__ = [
@@ -103,6 +111,7 @@ __all__ = [
     "to_batchnorm",
     "FoldReport",
     "recalibrate",
+    "update_bn",
     "export_model",
     "checkpoint",
     "checkpoint_context",

@@ -7,15 +7,16 @@
 * **Post-norm modules.** A layer converted from a norm+activation layer (timm's ``BatchNormAct2d``)
   keeps that layer's dropout and activation as child modules of the same names, and applies them
   after the normalization, in order (``layer.post_norm == ("drop", "act")``).
-* **Loading state dicts.** A load either copies every entry of a layer or none
-  (:func:`load_all_or_nothing`).
+* **Loading state dicts.** A load either copies every entry of a layer or none, under
+  ``strict=True`` and ``strict=False`` alike (:func:`load_all_or_nothing`).
 """
 
 from __future__ import annotations
 
-import sys
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, fx, nn
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "run_post_norm",
     "set_post_norm",
     "post_norm_modules",
+    "NormLayer",
     "check_track_running_stats",
+    "check_input_dim",
     "load_all_or_nothing",
 ]
 
@@ -65,7 +68,60 @@ def set_post_norm(module: nn.Module, modules: dict[str, nn.Module]) -> None:
     module.post_norm = tuple(modules)
 
 
-def check_track_running_stats(module: nn.Module, value: object) -> None:
+class NormLayer:
+    """What every norm layer of this package shares (a mixin before ``nn.Module``).
+
+    A subclass declares the input dimensionalities it takes (``_input_dims``, empty: any (N, C, *))
+    and how its messages say so (``_input_shape``); it may bring an older or foreign state dict to
+    its layout (``_prepare_load``) and act once its entries are loaded (``_loaded``).
+    """
+
+    # TorchScript reads the input ranks as constants (the frozen layers script); the property is Python's.
+    __constants__ = ["_input_dims", "_input_shape"]
+    __jit_unused_properties__ = ["track_running_stats"]
+    _input_dims: tuple[int, ...] = ()
+    _input_shape = "(N, C, *)"
+    # Names of child modules applied after the normalization (a converted norm+activation layer's
+    # dropout and activation, see mabn.adapters); empty for a layer built directly.
+    post_norm: tuple[str, ...] = ()
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Always True: the layer keeps and uses running statistics (setting False raises ``ValueError``)."""
+        return True
+
+    @track_running_stats.setter
+    def track_running_stats(self, value: bool) -> None:
+        check_track_running_stats(self, value)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        name = "norm layer"  # scripted: TorchScript does not know the class's name
+        if not torch.jit.is_scripting():
+            name = type(self).__name__
+        check_input_dim(name, input.dim(), list(self._input_dims), self._input_shape)
+
+    def _prepare_load(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+        """Bring this layer's entries of ``state_dict`` to the current layout, in place (nothing by default)."""
+
+    def _loaded(self) -> None:
+        """Called once this layer's entries are loaded (nothing by default)."""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        self._prepare_load(state_dict, prefix, local_metadata)
+        # All of this layer's keys or none (see load_all_or_nothing): a refused load copies nothing.
+        if not load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+            return
+        errors = len(error_msgs)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(error_msgs) == errors:
+            self._loaded()
+
+
+def check_track_running_stats(module: object, value: object) -> None:
     """The setter of ``track_running_stats``: these layers always keep and use running statistics."""
     if value is not True:
         raise ValueError(
@@ -74,19 +130,14 @@ def check_track_running_stats(module: nn.Module, value: object) -> None:
         )
 
 
-def _user_strict() -> bool:
-    """The ``strict`` argument of the ``Module.load_state_dict`` call this load runs in (True outside one).
+def check_input_dim(name: str, dim: int, dims: list[int], shape: str) -> None:
+    """The one check, and wording, of an input's number of dimensions (``dims`` empty: any).
 
-    torch passes ``strict=True`` to every layer's ``_load_from_state_dict`` and applies the user's
-    choice only when the whole load is done, so the layer reads it from that call.
+    Plain enough for TorchScript, which compiles it into the frozen layers' scripted forward.
     """
-    target = nn.Module.load_state_dict.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is target:
-            return bool(frame.f_locals.get("strict", True))
-        frame = frame.f_back
-    return True
+    if len(dims) > 0 and dim not in dims:
+        expected = " or ".join([f"{d}-D" for d in dims])
+        raise ValueError(f"{name} expects {expected} input {shape}, got {dim}-D input")
 
 
 def load_all_or_nothing(
@@ -100,14 +151,17 @@ def load_all_or_nothing(
     """Check the entries of ``module``'s own parameters and buffers before anything is copied.
 
     Returns whether torch may copy them (the caller then runs ``nn.Module._load_from_state_dict``).
-    The rules, the same for every layer of this package:
+    The rules, the same for every layer of this package and under ``strict=True`` and
+    ``strict=False`` alike (torch tells a layer neither: it passes ``strict=True`` to every
+    ``_load_from_state_dict`` and applies the caller's choice once the whole load is done):
 
     * every entry present with the right shape: load;
-    * an entry of the wrong shape: refuse the whole layer (an error, as torch reports it);
-    * entries missing or unexpected under ``load_state_dict(strict=True)``: refuse the whole layer
-      and report them (torch then raises), so a refused layer is left exactly as it was;
-    * under ``strict=False``: the present entries load, the missing and unexpected ones are
-      reported, as torch's own layers do.
+    * none present (a layer the checkpoint does not hold): nothing to load, the entries reported
+      missing, as torch does;
+    * an entry of the wrong shape: refuse the whole layer, an error (the load raises);
+    * some entries missing or unexpected (a partial state dict, or another kind of norm layer's):
+      refuse the whole layer, report them and warn. ``strict=True`` then raises, ``strict=False``
+      returns them; the layer is left exactly as it was either way.
     """
     expected = {name: t for name, t in module._parameters.items() if t is not None}
     expected.update(
@@ -125,23 +179,19 @@ def load_all_or_nothing(
     ]
     if not (lacking or extra or shapes):
         return True
-    if shapes:
-        missing.extend(prefix + k for k in lacking)
-        unexpected.extend(prefix + k for k in extra)
-        errors.append(
-            f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: "
-            f"size mismatch {', '.join(shapes)}"
-        )
-        return False
-    if not _user_strict():
-        # torch copies what is there and reports the missing and unexpected entries itself.
-        return True
     missing.extend(prefix + k for k in lacking)
     unexpected.extend(prefix + k for k in extra)
-    if extra:
-        errors.append(
-            f"{type(module).__name__} {prefix.rstrip('.')}: state dict refused, nothing loaded: "
-            f"unexpected {', '.join(extra)} (the state dict of another kind of norm layer: convert the model with "
-            "mabn.convert_model, or load with strict=False to take the entries that fit)"
+    where = " ".join(part for part in (type(module).__name__, prefix.rstrip(".")) if part)
+    refused = f"{where}: state dict refused, nothing loaded"
+    if shapes:
+        errors.append(f"{refused}: size mismatch {', '.join(shapes)}")
+    elif present:
+        keys = [f"{what} {', '.join(names)}" for what, names in (("missing", lacking), ("unexpected", extra)) if names]
+        hint = (
+            " (the state dict of another kind of norm layer: load it into the model it was saved from, then "
+            "convert that with mabn.convert_model)"
+            if extra
+            else ""
         )
+        warnings.warn(f"{refused}: {'; '.join(keys)}{hint}", stacklevel=2)
     return False

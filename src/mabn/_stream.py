@@ -34,16 +34,7 @@ from torch import Tensor
 
 from .config import NormConfig
 
-__all__ = [
-    "TableSpec",
-    "ForwardLayout",
-    "forward_layout",
-    "forward_coefficients",
-    "backward_coefficients",
-    "constant",
-    "cached",
-    "window_means",
-]
+__all__ = ["TableSpec", "forward_layout", "forward_table", "backward_table", "constant", "cached", "window_means"]
 
 T = TypeVar("T")
 
@@ -199,27 +190,13 @@ def _forward_table(spec: TableSpec, num_groups: int, dtype: torch.dtype, device:
     return cached(("forward", spec, num_groups, dtype, device), build)
 
 
-def _boundaries(values: tuple[int, ...], device: torch.device) -> Tensor:
-    return cached(("boundaries", values, device), lambda: torch.tensor(values, dtype=torch.long, device=device))
-
-
-def _lookup(table: Tensor, boundaries: tuple[int, ...], calls: Tensor, steps: Tensor | None) -> Tensor:
-    """``table[phase, filled]`` gathered on the device in one indexing operation (the indices are
-    1-element tensors: a 0-dim index tensor would be read on the host)."""
-    filled = None if steps is None else steps.clamp(max=table.shape[1] - 1).view(1)
-    if not boundaries:
-        return table[0, 0] if filled is None else table[0][filled][0]
-    phase = torch.bucketize(calls, _boundaries(boundaries, calls.device), right=True).view(1)
-    return (table[phase, 0] if filled is None else table[phase, filled])[0]
-
-
-def forward_coefficients(
-    spec: TableSpec, num_groups: int, num_batches_tracked: Tensor, forward_steps: Tensor | None, dtype: torch.dtype
-) -> Tensor:
-    """The (rows_out, rows_in) coefficients of this call's forward step (see :func:`forward_layout`)."""
-    table = _forward_table(spec, num_groups, dtype, num_batches_tracked.device)
-    boundaries = cached(("phases", spec), lambda: tuple(_forward_phases(spec)))
-    return _lookup(table, boundaries, num_batches_tracked, forward_steps if spec.forward_sma else None)
+def forward_table(
+    spec: TableSpec, num_groups: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, tuple[int, ...]]:
+    """The (phases, fills, rows_out, rows_in) coefficients of a forward step and the call counts
+    at which the phase changes (a call at count ``n`` is in phase ``bisect_right(bounds, n)``)."""
+    bounds = cached(("phases", spec), lambda: tuple(_forward_phases(spec)))
+    return _forward_table(spec, num_groups, dtype, device), bounds
 
 
 def _backward_matrix(spec: TableSpec, g: int, k: int, moving: bool, filled: int) -> list[list[float]]:
@@ -242,24 +219,24 @@ def _backward_table(spec: TableSpec, num_groups: int, dtype: torch.dtype, device
     return cached(("backward", spec, num_groups, dtype, device), build)
 
 
-def backward_coefficients(
-    spec: TableSpec, num_groups: int, backward_calls: Tensor, backward_steps: Tensor, dtype: torch.dtype
-) -> Tensor:
-    """The (G * k, (m + G) * k) coefficients of the backward moving averages of this call.
+def backward_table(
+    spec: TableSpec, num_groups: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, tuple[int, ...]]:
+    """The coefficients of the backward moving averages, (phases, fills, G * k, (m + G) * k), and the
+    backward call counts at which the phase changes.
 
     Output rows are statistic-major (``g`` of every group, then ``Psi`` of every group, centered);
-    while ``backward_calls`` is below ``warmup_iters - 1`` they select the groups' own statistics.
+    while the backward call count is below ``warmup_iters - 1`` they select the groups' own statistics.
     """
-    table = _backward_table(spec, num_groups, dtype, backward_calls.device)
-    boundaries = (spec.warmup_iters - 1,) if spec.warmup_iters > 1 else ()
-    return _lookup(table, boundaries, backward_calls, backward_steps)
+    bounds = (spec.warmup_iters - 1,) if spec.warmup_iters > 1 else ()
+    return _backward_table(spec, num_groups, dtype, device), bounds
 
 
-_CONSTANTS = {"one": 1.0, "nan": float("nan")}
+_CONSTANTS = {"one": 1.0, "zero": 0.0, "nan": float("nan")}
 
 
 def constant(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A shared, read-only tensor of ``"one"`` or ``"nan"`` (the row of ones, the value of a rejected call)."""
+    """A shared, read-only tensor of ``"one"``, ``"zero"`` or ``"nan"`` (the row of ones, fresh sums, a rejected call)."""
     value = _CONSTANTS[name]
     return cached(
         ("constant", name, shape, dtype, device), lambda: torch.full(shape, value, dtype=dtype, device=device)

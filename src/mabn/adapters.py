@@ -44,7 +44,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._layers import post_norm_modules
 from .frozen import FROZEN_CLASSES
+from .modules import StreamNorm
 
 __all__ = [
     "NORM_KINDS",
@@ -54,6 +56,7 @@ __all__ = [
     "find_norm_adapter",
     "norm_adapters",
     "is_frozen_batch_norm",
+    "post_norm_of",
 ]
 
 #: The kinds of :class:`NormAdapter`.
@@ -256,15 +259,17 @@ def num_channels(module: nn.Module) -> int:
     return int(n) if n is not None else module.running_var.numel()
 
 
-def norm_dim_of(module: nn.Module) -> int | None:
-    """1, 2 or 3 from the adapter or a class name ending in ``1d``/``2d``/``3d``, else None."""
+def post_norm_of(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules a norm layer applies after the normalization (name -> module, in order).
+
+    A layer of this package keeps its own list (``post_norm``); another class's are the children
+    its adapter names that the instance has.
+    """
+    if isinstance(module, (StreamNorm, *FROZEN_CLASSES)):
+        return post_norm_modules(module)
     adapter = find_norm_adapter(module)
-    if adapter is not None and adapter.dim is not None:
-        return adapter.dim
-    for cls in type(module).__mro__:
-        if cls.__name__[-2:] in ("1d", "2d", "3d") and cls.__name__[-3:-2].isalpha():
-            return int(cls.__name__[-2])
-    return None
+    names = adapter.post_norm if adapter is not None else ()
+    return {n: module._modules[n] for n in names if module._modules.get(n) is not None}
 
 
 _BATCH_NORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}

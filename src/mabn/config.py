@@ -1,20 +1,35 @@
 """Which member of the normalization family a layer is: :class:`NormConfig` and the table of named presets.
 
-:data:`PRESETS` is the one place where the named methods are defined. The layer classes take their
-defaults from it (``MABN2d`` from ``PRESETS["mabn"]``, ``GhostBatchNorm2d`` from ``"bn"``,
-``BatchRenorm2d`` from ``"brn"``), and :func:`mabn.create_norm_layer`, :func:`mabn.convert_model` and
-the command line take their names from it.
+:data:`PRESETS` is the one place where the named methods and their defaults are defined. The layer
+classes take every default from it (``MABN2d`` from ``PRESETS["mabn"]``, ``GhostBatchNorm2d`` from
+``"bn"``, ``BatchRenorm2d`` from ``"brn"``, ``GeneralBatchNorm2d`` from ``"mabn"``): a keyword left
+out (``None``; for ``momentum``, :data:`FROM_PRESET`) is the preset's value. :func:`mabn.create_norm_layer`,
+:func:`mabn.convert_model` and the command line name the presets by their keys here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import Any, Final
 
 from ._checks import check_float, check_int
 
-__all__ = ["NormConfig", "PRESETS", "PRESET_DESCRIPTIONS", "STAT_MODES"]
+__all__ = [
+    "NormConfig",
+    "PRESETS",
+    "PRESET_DESCRIPTIONS",
+    "STAT_MODES",
+    "STRUCTURE_FIELDS",
+    "FromPreset",
+    "FROM_PRESET",
+    "preset_config",
+]
 
 STAT_MODES = ("batch", "sma")
+
+#: The fields that say which member of the family a configuration is; the others are its sizes and rates.
+STRUCTURE_FIELDS = ("centered", "forward_stats", "renorm", "backward_stats")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +125,60 @@ class NormConfig:
     def structure(self) -> tuple[bool, str, bool, str]:
         """(centered, forward_stats, renorm, backward_stats): what the statistics are, without sizes."""
         return (self.centered, self.forward_stats, self.renorm, self.backward_stats)
+
+    def settings(self) -> tuple[str, ...]:
+        """The fields besides the structure that act in this member of the family, in signature order.
+
+        The moving-average sizes act only with an ``"sma"`` statistic, the clipping bounds and their
+        warm-up only with ``renorm`` (``d_max`` only centered). The classes of a preset of their own
+        (``MABN2d``, ``GhostBatchNorm2d``, ``BatchRenorm2d``) take exactly these as keywords.
+
+        Example::
+
+            >>> from mabn import PRESETS
+            >>> PRESETS["bn"].settings()
+            ('eps', 'momentum', 'norm_batch_size', 'accumulate')
+        """
+        names = ["eps", "momentum", "norm_batch_size"]
+        if "sma" in (self.forward_stats, self.backward_stats):
+            names += ["window", "warmup_iters"]
+        if self.renorm:
+            names += ["r_max", "d_max"] if self.centered else ["r_max"]
+            names.append("renorm_warmup_iters")
+        return (*names, "accumulate")
+
+
+class FromPreset(enum.Enum):
+    """The default of ``momentum`` in the layers' constructors: the preset's value.
+
+    ``None`` cannot mark a value left out there, because ``momentum=None`` is a value of its own
+    (the cumulative average of torch's BatchNorm).
+    """
+
+    VALUE = "the preset's value"
+
+    def __repr__(self) -> str:
+        return "FROM_PRESET"
+
+
+#: ``momentum``'s default in the layers' constructors: the preset's value (see :class:`FromPreset`).
+FROM_PRESET: Final = FromPreset.VALUE
+
+
+def preset_config(preset: str, momentum: float | None | FromPreset = FROM_PRESET, **values: Any) -> NormConfig:
+    """``PRESETS[preset]`` with the values a user gave: a value of ``None`` (``momentum``:
+    :data:`FROM_PRESET`) is one left out, which keeps the preset's.
+
+    Example::
+
+        >>> from mabn.config import PRESETS, preset_config
+        >>> preset_config("bn", eps=1e-3, window=None) == dataclasses.replace(PRESETS["bn"], eps=1e-3)
+        True
+    """
+    given = {name: value for name, value in values.items() if value is not None}
+    if momentum is not FROM_PRESET:
+        given["momentum"] = momentum
+    return dataclasses.replace(PRESETS[preset], **given)
 
 
 #: The named members of the family: the paper's methods and the rows of its ablation (Table 2).

@@ -26,23 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._layers import post_norm_modules, set_post_norm
+from ._layers import set_post_norm
 from .adapters import (
     NormOrigin,
     check_layout,
     find_norm_adapter,
     looks_like_norm,
-    norm_dim_of,
     num_channels,
+    post_norm_of,
     rebuild_origin,
     record_origin,
     unknown_norm_error,
 )
-from .config import NormConfig
+from .config import PRESETS, STRUCTURE_FIELDS, NormConfig
 from .conv import CENTRALIZED, centralize_weight, check_conv
-from .factory import NORM_NAMES, NormSpec, canonical_name, create_norm_layer, norm_class, same_family
+from .factory import FAMILIES, NORM_NAMES, NORMS, NormSpec, canonical_name, create_norm_layer, norm_class, same_family
 from .frozen import FROZEN_CLASSES
-from .modules import FAMILIES, StreamNorm
+from .modules import StreamNorm
 
 __all__ = ["PRESERVE_CHOICES", "convert_model", "revert_model", "is_norm_layer", "norm_dim"]
 
@@ -53,12 +53,18 @@ PRESERVE_CHOICES = ("statistics", "function")
 PLAIN: dict[type[nn.Module], type[nn.Module]] = {cen: plain for plain, cen in CENTRALIZED.items()}
 
 _TORCH_BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-# Settings of a statistics stream that carry over between layers of this package with the same
-# structure (the structure itself and the per-model choices eps and norm_batch_size excluded).
-_STREAM_SETTINGS = tuple(
-    f.name
-    for f in dataclasses.fields(NormConfig)
-    if f.name not in ("centered", "forward_stats", "renorm", "backward_stats", "eps", "norm_batch_size")
+# The settings of a statistics stream besides its structure: all carry over between layers of this
+# package with the same structure.
+_SETTINGS = tuple(f.name for f in dataclasses.fields(NormConfig) if f.name not in STRUCTURE_FIELDS)
+# What the constructors of the other layers a conversion builds take of the settings it carries.
+_DEVICE = frozenset({"device", "dtype"})
+_KEYWORDS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], frozenset[str]], ...] = (
+    (FROZEN_CLASSES, frozenset({"eps"}) | _DEVICE),
+    (
+        (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm),
+        frozenset({"eps", "momentum", "affine"}) | _DEVICE,
+    ),
+    (nn.GroupNorm, frozenset({"eps", "affine"}) | _DEVICE),
 )
 
 
@@ -81,13 +87,20 @@ def is_norm_layer(module: nn.Module) -> bool:
 def norm_dim(module: nn.Module) -> int | None:
     """1, 2 or 3 for a layer of a 1/2/3-D family (BatchNorm2d -> 2, MABN1d -> 1), else None.
 
-    Other libraries' layers count by their adapter or class name (``FrozenBatchNorm2d`` -> 2).
+    Other libraries' layers count by their adapter, else by a class name ending in ``1d``, ``2d``
+    or ``3d`` (``FrozenBatchNorm2d`` -> 2).
     """
     for cls in type(module).__mro__:
-        for family in FAMILIES.values():
+        for family in FAMILIES:
             if cls in family:
                 return family.index(cls) + 1
-    return norm_dim_of(module)
+    adapter = find_norm_adapter(module)
+    if adapter is not None and adapter.dim is not None:
+        return adapter.dim
+    for cls in type(module).__mro__:
+        if cls.__name__[-2:] in ("1d", "2d", "3d") and cls.__name__[-3:-2].isalpha():
+            return int(cls.__name__[-2])
+    return None
 
 
 def retype(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
@@ -147,7 +160,7 @@ def _describe(name: str, module: nn.Module) -> _Source | None:
     """
     if isinstance(module, StreamNorm):
         form = "centered" if module.config.centered else "uncentered"
-        return _Source(name, module, form, False, post_norm_modules(module), module.__dict__.get("converted_from"))
+        return _Source(name, module, form, False, post_norm_of(module), module.__dict__.get("converted_from"))
     adapter = find_norm_adapter(module)
     if adapter is None:
         why = looks_like_norm(module)
@@ -157,13 +170,9 @@ def _describe(name: str, module: nn.Module) -> _Source | None:
     if adapter.kind == "keep":
         return None
     check_layout(name, module, adapter)
-    if isinstance(module, FROZEN_CLASSES):
-        post = post_norm_modules(module)
-        origin = module.__dict__.get("converted_from") or record_origin(module, adapter)
-    else:
-        post = {n: module._modules[n] for n in adapter.post_norm if module._modules.get(n) is not None}
-        origin = record_origin(module, adapter)
-    return _Source(name, module, "centered", adapter.kind == "frozen", post, origin)
+    origin = module.__dict__.get("converted_from") if isinstance(module, FROZEN_CLASSES) else None
+    origin = origin or record_origin(module, adapter)
+    return _Source(name, module, "centered", adapter.kind == "frozen", post_norm_of(module), origin)
 
 
 def _form(module: nn.Module) -> str | None:
@@ -177,23 +186,50 @@ def _form(module: nn.Module) -> str | None:
     return None
 
 
-def _accepts(norm: NormSpec, key: str, dim: int) -> bool:
-    """Whether the layer that ``norm`` names takes the keyword ``key``."""
+def _target_class(norm: NormSpec, dim: int) -> type[nn.Module] | None:
+    """The class ``norm`` names at ``dim`` (for a name, its row's class), or None for a callable that is no class."""
     if isinstance(norm, str):
-        func = norm_class(norm, dim)
-        if canonical_name(norm) == "bn" and key == "norm_batch_size":
-            return True  # "bn" with a normalization batch is ghost BN
-        if func in FAMILIES["general"]:
-            return key in ("eps", "affine", "device", "dtype") or key in _STREAM_SETTINGS or key == "norm_batch_size"
-    else:
-        func = norm.func if isinstance(norm, functools.partial) else norm
-        if inspect.isclass(func):
-            func = same_family(func, dim) or func
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return NORMS[canonical_name(norm)].classes[dim - 1]
+    func = norm.func if isinstance(norm, functools.partial) else norm
+    return (same_family(func, dim) or func) if inspect.isclass(func) else None
+
+
+def _keywords(cls: type[nn.Module] | None) -> frozenset[str]:
+    """The settings a conversion carries over that ``cls`` takes; none for a callable of the user's own."""
+    if cls is None:
+        return frozenset()
+    if issubclass(cls, StreamNorm):
+        return frozenset(cls.config_keywords) | {"affine"} | _DEVICE
+    for base, keywords in _KEYWORDS:
+        if issubclass(cls, base):
+            return keywords
+    return frozenset()
+
+
+def _structure(norm: NormSpec, cls: type[nn.Module] | None, norm_kwargs: dict[str, Any]) -> tuple | None:
+    """The structure (:attr:`mabn.NormConfig.structure`) of the layer of this package ``norm`` builds, else None."""
+    if cls is None or not issubclass(cls, StreamNorm):
+        return None
+    given = {**(norm.keywords if isinstance(norm, functools.partial) else {}), **norm_kwargs}
+    preset = PRESETS[canonical_name(norm) if isinstance(norm, str) else cls.preset]
+    return dataclasses.replace(preset, **{k: given[k] for k in STRUCTURE_FIELDS if given.get(k) is not None}).structure
+
+
+def _carried(source: _Source, norm: NormSpec, dim: int, norm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the source the new layer takes over: those it takes that the user did not give."""
+    src = source.module
+    ref = src.weight if isinstance(src.weight, Tensor) else src.running_var
+    affine = True if source.frozen else bool(getattr(src, "affine", True))
+    carried: dict[str, Any] = {"eps": src.eps, "affine": affine, "device": ref.device, "dtype": ref.dtype}
+    cls = _target_class(norm, dim)
+    if isinstance(src, StreamNorm):
+        if src.config.norm_batch_size is not None:
+            carried["norm_batch_size"] = src.config.norm_batch_size
+        if _structure(norm, cls, norm_kwargs) == src.config.structure:
+            # The same kind of layer (e.g. MABN -> MABN with another norm_batch_size): keep its settings.
+            carried.update({k: getattr(src.config, k) for k in _SETTINGS})
+    takes = _keywords(cls)
+    return {k: v for k, v in carried.items() if k in takes and k not in norm_kwargs}
 
 
 def _copy_params(src: nn.Module, dst: nn.Module) -> None:
@@ -213,17 +249,11 @@ def _copy_params(src: nn.Module, dst: nn.Module) -> None:
                 new.requires_grad_(old.requires_grad)
 
 
-def _same_structure(src: nn.Module, dst: nn.Module) -> bool:
-    """Both are layers of this package with the same form and the same kinds of statistics."""
-    if not (isinstance(src, StreamNorm) and isinstance(dst, StreamNorm)):
-        return False
-    keys = ("centered", "forward_stats", "renorm", "backward_stats")
-    return all(getattr(src.config, k) == getattr(dst.config, k) for k in keys)
-
-
 def _same_stream(src: nn.Module, dst: nn.Module) -> bool:
     """Both layers run the same statistics stream, so windows and counters carry over as they are."""
-    return _same_structure(src, dst) and src.config.window == dst.config.window
+    if not (isinstance(src, StreamNorm) and isinstance(dst, StreamNorm)):
+        return False
+    return src.config.structure == dst.config.structure and src.config.window == dst.config.window
 
 
 def _windowless(module: nn.Module) -> bool:
@@ -322,18 +352,27 @@ def _check_source(source: _Source, preserve: str) -> None:
         )
 
 
-def _post_norm_holder(source: _Source, new: nn.Module, norm: NormSpec, kwargs: dict[str, Any], dim: int) -> nn.Module:
-    """``new``, or a layer of this package in its place that can apply the source's post-norm modules."""
+def _post_norm_spec(source: _Source, norm: NormSpec, dim: int, kwargs: dict[str, Any]) -> NormSpec:
+    """``norm``, or ghost BN over the whole batch where ``norm`` builds torch's BatchNorm for a source
+    with post-norm modules: the same layer, and one that can apply them."""
+    if not source.post:
+        return norm
+    ghost = NORMS["bn"].classes[dim - 1]
+    if isinstance(norm, str):
+        return ghost if issubclass(norm_class(norm, dim, **kwargs), nn.modules.batchnorm._BatchNorm) else norm
+    cls = _target_class(norm, dim)
+    if cls is None or not issubclass(cls, nn.modules.batchnorm._BatchNorm):
+        return norm
+    return functools.partial(ghost, **norm.keywords) if isinstance(norm, functools.partial) else ghost
+
+
+def _check_post_norm(source: _Source, new: nn.Module) -> None:
+    """Raise ``ValueError`` if ``new`` cannot apply the source's post-norm modules (identities need no applying)."""
     if not source.post or isinstance(new, (StreamNorm, *FROZEN_CLASSES)):
-        return new
-    if isinstance(new, nn.modules.batchnorm._BatchNorm):
-        # torch's BatchNorm cannot apply an activation; ghost BN over the whole batch is the same layer.
-        return create_norm_layer(
-            "ghost_bn", num_channels(source.module), dim=dim, **{"momentum": new.momentum, **kwargs}
-        )
+        return
     if all(type(m) is nn.Identity for m in source.post.values()):
         source.post = {}  # nothing applied after the normalization
-        return new
+        return
     raise ValueError(
         f"cannot convert {source.where} to {type(new).__name__}: it applies {', '.join(source.post)} after the "
         f"normalization, which {type(new).__name__} cannot keep; choose a norm of this package "
@@ -346,19 +385,9 @@ def _convert_norm(
 ) -> nn.Module:
     src = source.module
     dim = norm_dim(src) or default_dim
-    ref = src.weight if isinstance(src.weight, Tensor) else src.running_var
-    carried: dict[str, Any] = {"eps": src.eps, "affine": True if source.frozen else bool(getattr(src, "affine", True))}
-    carried.update(device=ref.device, dtype=ref.dtype)
-    nbs = getattr(getattr(src, "config", None), "norm_batch_size", None)
-    if nbs is not None:
-        carried["norm_batch_size"] = nbs
-    kwargs = {k: v for k, v in carried.items() if k not in norm_kwargs and _accepts(norm, k, dim)}
-    new = create_norm_layer(norm, num_channels(src), dim=dim, **kwargs, **norm_kwargs)
-    if _same_structure(src, new):
-        # The same kind of layer (e.g. MABN -> MABN with another norm_batch_size): keep its settings.
-        more = {k: getattr(src.config, k) for k in _STREAM_SETTINGS if k not in norm_kwargs and _accepts(norm, k, dim)}
-        new = create_norm_layer(norm, num_channels(src), dim=dim, **kwargs, **more, **norm_kwargs)
-    new = _post_norm_holder(source, new, norm, {**kwargs, **norm_kwargs}, dim)
+    kwargs = {**_carried(source, norm, dim, norm_kwargs), **norm_kwargs}
+    new = create_norm_layer(_post_norm_spec(source, norm, dim, kwargs), num_channels(src), dim=dim, **kwargs)
+    _check_post_norm(source, new)
     if preserve == "function" and _form(new) is None:
         raise ValueError(
             f"cannot keep the function of {source.where}: {type(new).__name__} normalizes by statistics of each "
@@ -407,8 +436,10 @@ def convert_model(
     ``momentum`` when old and new layer have the same form (centered or uncentered; a cumulative
     average, ``momentum=None``, only together with its call count), and every hyper-parameter
     (``window``, ``r_max``, warm-ups, ...) between layers of this package of the same structure
-    (e.g. MABN -> MABN with another ``norm_batch_size``). The new layer remembers the class it came
-    from (``layer.converted_from``), which :func:`revert_model` builds again.
+    (e.g. MABN -> MABN with another ``norm_batch_size``), each to the layers whose constructor takes
+    it (this package's, torch's; a callable of your own gets the keywords given and nothing else).
+    The new layer remembers the class it came from (``layer.converted_from``), which
+    :func:`revert_model` builds again.
 
     Running statistics: between layers of the same form they are copied; from uncentered to
     centered the evaluation map is kept (``running_mean = 0``, ``running_var = R``). From a centered
@@ -526,7 +557,7 @@ def _revert_norm(name: str, src: nn.Module) -> nn.Module:
     """The layer ``src`` (of this package) came from, or torch's ``BatchNorm*d`` for one built directly."""
     origin: NormOrigin | None = src.__dict__.get("converted_from")
     dim = norm_dim(src) or 2
-    post = post_norm_modules(src)
+    post = post_norm_of(src)
     if origin is None:
         if post:
             raise ValueError(
@@ -544,15 +575,17 @@ def _revert_norm(name: str, src: nn.Module) -> nn.Module:
     return rebuild_origin(origin, values, post)
 
 
-def _revert_conv(src: nn.Module, centered_weights: bool) -> nn.Module:
+def _revert_conv(src: nn.Module, centralized_weights: bool) -> nn.Module:
     new = retype(src, PLAIN[type(src)])
-    if centered_weights:
+    if centralized_weights:
         weight = nn.Parameter(centralize_weight(src.weight.detach()).clone(), requires_grad=src.weight.requires_grad)
         new._parameters["weight"] = weight
     return new
 
 
-def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
+def revert_model(
+    model: nn.Module, centralized_weights: bool = False, *, centered_weights: bool | None = None
+) -> nn.Module:
     """Turn every layer of this package back into the class it was converted from (the reverse of :func:`convert_model`).
 
     In place, recursive. A norm layer converted from another class becomes that class again (a
@@ -565,14 +598,15 @@ def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
     windows are dropped. Frozen layers of this package that were converted from another class go
     back to it; ``CenConv*d`` / ``CenLinear`` become ``nn.Conv*d`` / ``nn.Linear``.
 
-    A torch BatchNorm model converted to a centered preset (``"bn"``, ``"ghost_bn"``, ``"brn"``) and
-    reverted is restored exactly (state dict, types, ``.training``).
+    A torch BatchNorm model converted to a centered preset (``"bn"``, ``"brn"``) and reverted is
+    restored exactly (state dict, types, ``.training``).
 
     Args:
         model: the model (changed in place).
-        centered_weights: False keeps the raw weights of centralized layers (the exact reverse of
-            ``convert_model(conv="centralized")``); True bakes the centering into new weights, so the
+        centralized_weights: False keeps the raw weights of centralized layers (the exact reverse of
+            ``convert_model(conv="centralized")``); True bakes the centralization into new weights, so the
             plain layer computes what the centralized one did (see :func:`mabn.to_batchnorm`).
+        centered_weights: the former name of ``centralized_weights``; given, it takes its place.
 
     Returns:
         ``model``, or the new layer when ``model`` itself is a reverted layer.
@@ -585,12 +619,14 @@ def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
 
         >>> import mabn, torch
         >>> bn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-        >>> back = mabn.revert_model(mabn.convert_model(bn, "ghost_bn", conv="centralized"))
+        >>> back = mabn.revert_model(mabn.convert_model(bn, "bn", conv="centralized", norm_batch_size=2))
         >>> [type(m).__name__ for m in back]
         ['Conv2d', 'BatchNorm2d']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if centered_weights is not None:
+        centralized_weights = centered_weights
     replacements: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, StreamNorm) or (
@@ -598,7 +634,7 @@ def revert_model(model: nn.Module, centered_weights: bool = False) -> nn.Module:
         ):
             new = _revert_norm(name, module)
         elif type(module) in PLAIN:
-            new = _revert_conv(module, centered_weights)
+            new = _revert_conv(module, centralized_weights)
         else:
             continue
         replacements[id(module)] = carry_flags(module, new)

@@ -3,10 +3,13 @@
 :func:`create_norm_layer` is the one place where models, the converter and the command line turn a
 user's choice of normalization into a module, so that ``"mabn"``, ``mabn.MABN2d`` and
 ``functools.partial(mabn.MABN2d, norm_batch_size=2)`` all work wherever a norm is asked for.
+:data:`NORMS` is the one table of the names: the presets of :data:`mabn.PRESETS` under their own
+keys, and the norms that are not members of the family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -15,14 +18,19 @@ from typing import Any
 from torch import nn
 
 from ._checks import check_int, check_num_features
-from .config import PRESETS
-from .modules import FAMILIES
+from .frozen import FROZEN_CLASSES
+from .modules import BATCH_RENORM_CLASSES, GENERAL_BATCH_NORM_CLASSES, GHOST_BATCH_NORM_CLASSES, MABN_CLASSES
 
 __all__ = [
     "create_norm_layer",
     "norm_class",
+    "Norm",
+    "NORMS",
+    "NORM_ALIASES",
     "NORM_NAMES",
     "PER_SAMPLE_NORMS",
+    "ENGINE_OPTIONS",
+    "FAMILIES",
     "is_batch_norm",
     "canonical_name",
     "default_num_groups",
@@ -30,57 +38,104 @@ __all__ = [
 ]
 
 NormSpec = str | type[nn.Module] | functools.partial | Callable[..., nn.Module]
+Classes = tuple[type[nn.Module], type[nn.Module], type[nn.Module]]
+
+_TORCH_BN: Classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """What one norm name builds.
+
+    Attributes:
+        classes: the 1-D, 2-D and 3-D classes.
+        kind: ``"batch"`` (a member of the family: the preset of the same name, batch statistics),
+            ``"fixed"`` (fixed statistics) or ``"per_sample"`` (statistics of each sample).
+        defaults: keywords the name sets unless given (``"ln"``: one group).
+        torch_classes: torch's classes computing the same, built instead of ``classes`` when no
+            option of :data:`ENGINE_OPTIONS` asks for this package's engine; None: always ``classes``.
+    """
+
+    classes: Classes
+    kind: str = "batch"
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    torch_classes: Classes | None = None
+
+
+#: Every norm name, the one table the presets, :func:`create_norm_layer`, :func:`mabn.convert_model`
+#: and ``mabn train --norm`` share. A ``"batch"`` row is the preset of its name.
+NORMS: dict[str, Norm] = {
+    # BatchNorm; ghost BatchNorm on groups of norm_batch_size. At normalization batch = the batch,
+    # unsynced and unaccumulated, torch's BatchNorm computes the same and is built instead.
+    "bn": Norm(GHOST_BATCH_NORM_CLASSES, torch_classes=_TORCH_BN),
+    "brn": Norm(BATCH_RENORM_CLASSES),
+    "bn_ema_sma": Norm(GENERAL_BATCH_NORM_CLASSES),
+    "uncentered": Norm(GENERAL_BATCH_NORM_CLASSES),
+    "uncentered_ema": Norm(GENERAL_BATCH_NORM_CLASSES),
+    "mabn": Norm(MABN_CLASSES),
+    "frozen_bn": Norm(FROZEN_CLASSES, kind="fixed"),
+    "gn": Norm((nn.GroupNorm,) * 3, kind="per_sample"),
+    # LayerNorm over (C, *) with a per-channel affine: GroupNorm with one group (as in the GN paper).
+    "ln": Norm((nn.GroupNorm,) * 3, kind="per_sample", defaults={"num_groups": 1}),
+    "in": Norm((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), kind="per_sample", defaults={"affine": True}),
+}
+
+#: Former names, still accepted: name -> the name in :data:`NORMS` it stands for.
+NORM_ALIASES: dict[str, str] = {"ghost_bn": "bn"}
+
+#: The options only this package's engine has, at the values that leave them off (``"bn"`` builds
+#: torch's BatchNorm while every one of them is at this value).
+ENGINE_OPTIONS: dict[str, Any] = {"norm_batch_size": None, "accumulate": 1, "process_group": None}
+
+#: Every name :func:`create_norm_layer` lists (aliases aside).
+NORM_NAMES: tuple[str, ...] = tuple(NORMS)
 
 #: Normalizations with statistics of each sample only (no batch statistics, nothing to sync).
-PER_SAMPLE_NORMS: tuple[str, ...] = ("gn", "ln", "in")
+PER_SAMPLE_NORMS: tuple[str, ...] = tuple(name for name, norm in NORMS.items() if norm.kind == "per_sample")
 
-# Presets with classes of their own (MABN*d for "mabn", ...); the others use GeneralBatchNorm*d.
-_PRESET_FAMILY = {fam[0].preset: name for name, fam in FAMILIES.items() if getattr(fam[0], "preset", None)}
-
-#: Normalizations with fixed statistics (nothing computed from the batch or the sample).
-FIXED_NORMS: tuple[str, ...] = ("frozen_bn",)
-
-#: Every name :func:`create_norm_layer` accepts: the presets, ``ghost_bn``, frozen BN and the per-sample norms.
-NORM_NAMES: tuple[str, ...] = (
-    "bn",
-    "ghost_bn",
-    *(p for p in PRESETS if p != "bn"),
-    *FIXED_NORMS,
-    *PER_SAMPLE_NORMS,
+#: The families of 1-D/2-D/3-D classes the factory builds (for :func:`same_family` and the
+#: converters); GroupNorm takes any dimensionality and is none.
+FAMILIES: tuple[Classes, ...] = tuple(
+    dict.fromkeys(c for c in [*(norm.classes for norm in NORMS.values()), _TORCH_BN] if len(set(c)) == 3)
 )
 
 
 def canonical_name(name: str) -> str:
-    """``"Ghost-BN"`` -> ``"ghost_bn"``: names are case-insensitive and accept dashes."""
-    return name.strip().lower().replace("-", "_")
+    """``"Ghost-BN"`` -> ``"bn"``: names are case-insensitive, accept dashes, and aliases resolve."""
+    key = name.strip().lower().replace("-", "_")
+    return NORM_ALIASES.get(key, key)
+
+
+def _lookup(name: str) -> Norm:
+    norm = NORMS.get(canonical_name(name))
+    if norm is None:
+        raise ValueError(f"unknown norm layer {name!r}; known names: {', '.join(NORM_NAMES)}")
+    return norm
 
 
 def is_batch_norm(norm: NormSpec) -> bool:
     """Whether a norm choice uses batch statistics (so normalization batches and syncing apply)."""
-    return not (isinstance(norm, str) and canonical_name(norm) in (*PER_SAMPLE_NORMS, *FIXED_NORMS))
+    entry = NORMS.get(canonical_name(norm)) if isinstance(norm, str) else None
+    return entry is None or entry.kind == "batch"
+
+
+def _uses_engine(kwargs: dict[str, Any]) -> bool:
+    """Whether ``kwargs`` turn on an option of :data:`ENGINE_OPTIONS` (``None`` leaves each off)."""
+    return any(kwargs.get(key) not in (None, off) for key, off in ENGINE_OPTIONS.items())
 
 
 def norm_class(name: str, dim: int = 2, **kwargs: Any) -> type[nn.Module]:
     """The class :func:`create_norm_layer` builds for ``name`` and these keyword arguments.
 
-    ``"bn"`` is torch's ``BatchNorm*d`` unless ``norm_batch_size``, ``accumulate`` or
-    ``process_group`` ask for what only :class:`mabn.GhostBatchNorm2d` does.
+    Example::
+
+        >>> norm_class("bn").__name__, norm_class("bn", norm_batch_size=2).__name__
+        ('BatchNorm2d', 'GhostBatchNorm2d')
     """
-    key = canonical_name(name)
-    if key == "bn":
-        extended = any(kwargs.get(k) not in (None, 1) for k in ("norm_batch_size", "accumulate", "process_group"))
-        return FAMILIES["ghost_bn" if extended else "torch_bn"][dim - 1]
-    if key in ("gn", "ln"):
-        return nn.GroupNorm
-    if key == "in":
-        return FAMILIES["torch_in"][dim - 1]
-    if key == "frozen_bn":
-        return FAMILIES["frozen_bn"][dim - 1]
-    if key in FAMILIES and key in _PRESET_FAMILY.values():
-        return FAMILIES[key][dim - 1]
-    if key in PRESETS:
-        return FAMILIES[_PRESET_FAMILY.get(key, "general")][dim - 1]
-    raise ValueError(f"unknown norm layer {name!r}; known names: {', '.join(NORM_NAMES)}")
+    norm = _lookup(name)
+    if norm.torch_classes is not None and not _uses_engine(kwargs):
+        return norm.torch_classes[dim - 1]
+    return norm.classes[dim - 1]
 
 
 def default_num_groups(num_features: int, preferred: int = 32) -> int:
@@ -99,7 +154,7 @@ def default_num_groups(num_features: int, preferred: int = 32) -> int:
 
 def same_family(cls: type[nn.Module], dim: int) -> type[nn.Module] | None:
     """The ``dim``-D sibling of a 1/2/3-D layer class (``MABN2d``, 1 -> ``MABN1d``), or None."""
-    for family in FAMILIES.values():
+    for family in FAMILIES:
         if cls in family:
             return family[dim - 1]
     return None
@@ -123,17 +178,15 @@ def _group_norm(num_features: int, num_groups: int | None, kwargs: dict[str, Any
 
 def _from_name(name: str, num_features: int, dim: int, kwargs: dict[str, Any]) -> nn.Module:
     key = canonical_name(name)
+    norm = _lookup(key)
+    kwargs = {**norm.defaults, **kwargs}
     cls = norm_class(key, dim, **kwargs)
     if cls is nn.GroupNorm:
-        if key == "ln":  # LayerNorm over (C, *) with a per-channel affine, as GroupNorm with one group
-            return nn.GroupNorm(1, num_features, **kwargs)
         return _group_norm(num_features, kwargs.pop("num_groups", None), kwargs)
-    if key == "in":
-        kwargs.setdefault("affine", True)
-    if issubclass(cls, nn.modules.batchnorm._BatchNorm):
-        for unused in ("norm_batch_size", "accumulate", "process_group"):
-            kwargs.pop(unused, None)  # their defaults: torch's BatchNorm is the same layer
-    if cls in FAMILIES["general"]:
+    if cls in _TORCH_BN:
+        for option in ENGINE_OPTIONS:
+            kwargs.pop(option, None)  # at their values that leave them off: torch's BatchNorm is the same layer
+    if cls in GENERAL_BATCH_NORM_CLASSES:
         return cls.from_preset(key, num_features, **kwargs)
     return cls(num_features, **kwargs)
 
@@ -154,20 +207,22 @@ def _from_callable(norm: Callable[..., nn.Module], num_features: int, dim: int |
 def create_norm_layer(norm: NormSpec, num_features: int, **kwargs: Any) -> nn.Module:
     """Build the normalization layer ``norm`` for ``num_features`` channels.
 
-    Names (case-insensitive):
+    Names (case-insensitive; :data:`NORMS` is their table):
 
     ================  ===========================================================================
-    ``"bn"``          :class:`torch.nn.BatchNorm2d`; with ``norm_batch_size`` set, ghost BN
-                      (:class:`mabn.GhostBatchNorm2d`, the same math on groups of B samples)
-    ``"ghost_bn"``    :class:`mabn.GhostBatchNorm2d`
+    ``"bn"``          :class:`mabn.GhostBatchNorm2d`, BatchNorm on groups of ``norm_batch_size``
+                      samples; without ``norm_batch_size``, ``accumulate`` and ``process_group``
+                      torch's :class:`torch.nn.BatchNorm2d`, which computes the same
+                      (``"ghost_bn"``, the former name, is the same)
     ``"brn"``         :class:`mabn.BatchRenorm2d`
     ``"mabn"``        :class:`mabn.MABN2d`
+    other presets     every other key of :data:`mabn.PRESETS` (``"bn_ema_sma"``, ``"uncentered"``,
+                      ``"uncentered_ema"``): :meth:`mabn.GeneralBatchNorm2d.from_preset`
+    ``"frozen_bn"``   :class:`mabn.FrozenBatchNorm2d`
     ``"gn"``          :class:`torch.nn.GroupNorm` with ``num_groups`` (default: 32, lowered to the
                       largest divisor of ``num_features`` not above 32)
     ``"ln"``          ``GroupNorm(1, num_features)``: LayerNorm over (C, \\*) with per-channel affine
     ``"in"``          :class:`torch.nn.InstanceNorm2d` with ``affine=True`` by default
-    other presets     every other key of :data:`mabn.PRESETS` (``"bn_ema_sma"``, ``"uncentered"``,
-                      ``"uncentered_ema"``): :meth:`mabn.GeneralBatchNorm2d.from_preset`
     ================  ===========================================================================
 
     A class is called as ``cls(num_features, **kwargs)`` (``nn.GroupNorm`` as

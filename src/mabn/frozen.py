@@ -15,21 +15,17 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_float, check_num_features
-from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
+from ._layers import NormLayer, is_proxy, leaf_call, run_post_norm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FROZEN_CLASSES"]
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(NormLayer, nn.Module):
     """The state and the map shared by :class:`FrozenBatchNorm1d`, ``2d`` and ``3d``."""
 
     # What BatchNorm tooling reads: an affine layer whose running statistics are always used.
     affine = True
     momentum = None
-    # Names of child modules applied after the map (a converted norm+activation layer's dropout
-    # and activation); empty for a layer built directly.
-    post_norm: tuple[str, ...] = ()
-    __jit_unused_properties__ = ["track_running_stats"]
 
     def __init__(
         self,
@@ -51,18 +47,6 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
-    @property
-    def track_running_stats(self) -> bool:
-        """Always True: the running statistics are the layer (setting False raises ``ValueError``)."""
-        return True
-
-    @track_running_stats.setter
-    def track_running_stats(self, value: bool) -> None:
-        check_track_running_stats(self, value)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
-
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
         """The per-channel ``(scale, shift)`` with ``y = scale * x + shift``."""
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
@@ -73,10 +57,10 @@ class _FrozenBatchNorm(nn.Module):
             if is_proxy(input):
                 return leaf_call(self, input)
             if not isinstance(input, Tensor):
-                raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(input).__name__}")
+                raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
-            raise ValueError(f"got input with {input.shape[1]} channels for {self.num_features} features")
+            raise ValueError(f"expected {self.num_features} channels (num_features), got input with C={input.shape[1]}")
         scale, shift = self.scale_and_shift()
         shape = [1, -1] + [1] * (input.dim() - 2)
         output = input * scale.to(input.dtype).reshape(shape) + shift.to(input.dtype).reshape(shape)
@@ -93,15 +77,9 @@ class _FrozenBatchNorm(nn.Module):
             )
         return self
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
+    def _prepare_load(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
         # A BatchNorm's state dict loads as it is: its call counter means nothing here.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        if load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
-            super()._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-            )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -138,19 +116,8 @@ class FrozenBatchNorm1d(_FrozenBatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"FrozenBatchNorm1d expects 2-D or 3-D input, got {input.dim()}-D")
+    _input_dims = (2, 3)
+    _input_shape = "(N, C) or (N, C, L)"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
@@ -189,19 +156,8 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"FrozenBatchNorm2d expects 4-D input, got {input.dim()}-D")
+    _input_dims = (4,)
+    _input_shape = "(N, C, H, W)"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
@@ -235,19 +191,8 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"FrozenBatchNorm3d expects 5-D input, got {input.dim()}-D")
+    _input_dims = (5,)
+    _input_shape = "(N, C, D, H, W)"
 
 
 #: The frozen layers of this package, 1-D to 3-D.

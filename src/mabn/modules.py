@@ -1,10 +1,11 @@
 """Normalization layers: :class:`StreamNorm` holds the state, :func:`mabn.functional.stream_norm` does the math.
 
 Laid out as torch's ``batchnorm.py``: a base holding the state (:class:`StreamNorm`), one private
-base per family that turns its constructor's hyper-parameters into the :class:`mabn.NormConfig` of
-its preset in :data:`mabn.PRESETS` (``MABN*d``: ``"mabn"``, ``GhostBatchNorm*d``: ``"bn"``,
-``BatchRenorm*d``: ``"brn"``; ``GeneralBatchNorm*d`` takes the whole configuration), and thin public
-1-D/2-D/3-D classes that fix the input's dimensionality and spell their constructors out.
+base per family holding the family's one constructor, which builds the :class:`mabn.NormConfig` of
+its preset in :data:`mabn.PRESETS` with the values given (``MABN*d``: ``"mabn"``,
+``GhostBatchNorm*d``: ``"bn"``, ``BatchRenorm*d``: ``"brn"``; ``GeneralBatchNorm*d`` takes every
+field, MABN's by default), and public 1-D/2-D/3-D classes that hold their input's dimensionality
+and their docstring.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_num_features
-from ._kernels import HALF, stat_dtype
-from ._layers import check_track_running_stats, is_proxy, leaf_call, load_all_or_nothing, run_post_norm
-from .config import PRESETS, NormConfig
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .functional import ACCUMULATION_FIELDS, STATISTICS_FIELDS, STREAM_FIELDS, NormState, stream_norm
+from ._layers import NormLayer, is_proxy, leaf_call, run_post_norm
+from .config import FROM_PRESET, PRESETS, STRUCTURE_FIELDS, FromPreset, NormConfig, preset_config
+from .functional import ACCUMULATION_FIELDS, STATISTICS_FIELDS, STREAM_FIELDS, NormState, accumulation_rows, stream_norm
+from .kernels import HALF, stat_dtype
 
 __all__ = [
     "StreamNorm",
@@ -38,7 +38,10 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
-    "FAMILIES",
+    "MABN_CLASSES",
+    "GHOST_BATCH_NORM_CLASSES",
+    "BATCH_RENORM_CLASSES",
+    "GENERAL_BATCH_NORM_CLASSES",
 ]
 
 
@@ -52,7 +55,7 @@ def _config_property(name: str, doc: str) -> property:
     return property(fget, fset, doc=doc)
 
 
-class StreamNorm(nn.Module):
+class StreamNorm(NormLayer, nn.Module):
     r"""Base class of every normalization layer of this package: the state of one statistics stream.
 
     A layer is a :class:`mabn.NormConfig` (which member of the family, with which hyper-parameters)
@@ -94,22 +97,9 @@ class StreamNorm(nn.Module):
 
     _version = 2
     config: NormConfig
-    # Names of child modules applied after the normalization (a converted norm+activation layer's
-    # dropout and activation, see mabn.adapters); empty for a layer built directly.
-    post_norm: tuple[str, ...] = ()
-
-    @property
-    def track_running_stats(self) -> bool:
-        """Always True: the layer keeps and uses running statistics (setting False raises ``ValueError``)."""
-        return True
-
-    @track_running_stats.setter
-    def track_running_stats(self, value: bool) -> None:
-        check_track_running_stats(self, value)
-
-    #: The input dimensionalities a subclass takes (empty: any (N, C, *)) and how its messages say so.
-    _input_dims: ClassVar[tuple[int, ...]] = ()
-    _input_shape: ClassVar[str] = "(N, C, *)"
+    #: The fields of :class:`mabn.NormConfig` a family's constructor takes as keywords, in order (this
+    #: class takes a whole ``config``); the converters carry over the settings a target takes.
+    config_keywords: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -199,7 +189,7 @@ class StreamNorm(nn.Module):
         never outlive a load or a setting change.
         """
         if self.config.accumulate > 1:
-            k = self.config.num_forward_stats + 1
+            k = accumulation_rows(self.config)
             ref = self.running_var
             self.register_buffer("accum_sum", ref.new_zeros(k, self.num_features), persistent=False)
             self.register_buffer("accum_calls", torch.zeros((), dtype=torch.long, device=ref.device), persistent=False)
@@ -233,11 +223,6 @@ class StreamNorm(nn.Module):
             num_batches_tracked=self.num_batches_tracked,
             **{name: getattr(self, name, None) for name in (*STREAM_FIELDS, *ACCUMULATION_FIELDS)},
         )
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if self._input_dims and input.dim() not in self._input_dims:
-            dims = " or ".join(f"{d}D" for d in self._input_dims)
-            raise ValueError(f"expected {dims} input {self._input_shape}, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
         if is_proxy(input):  # a torch.fx trace: this layer is one call_module node of the graph
@@ -291,38 +276,32 @@ class StreamNorm(nn.Module):
         parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={c.momentum}", f"affine={self.affine}"]
         parts.append(f"norm_batch_size={c.norm_batch_size}")
         if c.structure != PRESETS["bn"].structure:
-            parts.append(f"centered={c.centered}, forward_stats={c.forward_stats!r}, renorm={c.renorm}")
-            parts.append(f"backward_stats={c.backward_stats!r}")
-        if "sma" in (c.forward_stats, c.backward_stats):
-            parts.append(f"window={c.window}, warmup_iters={c.warmup_iters}")
-        if c.renorm:
-            parts.append(f"r_max={c.r_max}" + (f", d_max={c.d_max}" if c.centered else ""))
-            parts.append(f"renorm_warmup_iters={c.renorm_warmup_iters}")
+            parts += [f"{name}={getattr(c, name)!r}" for name in STRUCTURE_FIELDS]
+        # The sizes and rates that act in this member of the family (accumulate: only when on).
+        parts += [
+            f"{n}={getattr(c, n)}"
+            for n in c.settings()
+            if n not in ("eps", "momentum", "norm_batch_size", "accumulate")
+        ]
         if c.accumulate > 1:
             parts.append(f"accumulate={c.accumulate}")
         if self.process_group is not None:
             parts.append("synced")
         return ", ".join(parts)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
+    def _prepare_load(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
-        # Checkpoints of torch's BatchNorm before its version 2 carry no num_batches_tracked.
-        if (version is None or version < 2) and key not in state_dict:
+        # Checkpoints of torch's BatchNorm before its version 2 carry no num_batches_tracked (one
+        # that holds no entry of this layer has nothing to add it to).
+        held = prefix + "running_var" in state_dict
+        if (version is None or version < 2) and held and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_var.device)
         if version is not None and version < 2:
             _migrate_v1(state_dict, prefix)
-        # All of this layer's keys or none (see load_all_or_nothing): a refused load copies nothing.
-        if not load_all_or_nothing(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
-            return
-        errors = len(error_msgs)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if len(error_msgs) == errors:
-            self._register_accumulation()  # a loaded layer continues as a fresh one loaded with it
+
+    def _loaded(self) -> None:
+        self._register_accumulation()  # a loaded layer continues as a fresh one loaded with it
 
 
 def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
@@ -350,34 +329,36 @@ def _migrate_v1(state_dict: dict[str, Tensor], prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The families. Each base turns its constructor's hyper-parameters into the NormConfig of its preset;
-# the public 1-D/2-D/3-D classes below it only fix the input's dimensionality and spell the
-# constructor out (so that signatures, type checkers and error messages name the public class).
+# The families, laid out as torch's BatchNorm1d/2d/3d: one base per family holds the constructor,
+# whose keywords left out keep the values of the family's preset (PRESETS is the one place a default
+# lives), and the public 1-D/2-D/3-D classes hold their input's dimensionality and their docstring.
 
 
 class _MABNBase(StreamNorm):
     preset: ClassVar[str] = "mabn"
+    config_keywords = PRESETS[preset].settings()
 
     def __init__(
         self,
         num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        norm_batch_size: int | None,
-        window: int,
-        r_max: float,
-        warmup_iters: int,
-        renorm_warmup_iters: int,
-        accumulate: int,
-        process_group: Any,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
+        eps: float | None = None,
+        momentum: float | None | FromPreset = FROM_PRESET,
+        affine: bool = True,
+        *,
+        norm_batch_size: int | None = None,
+        window: int | None = None,
+        r_max: float | None = None,
+        warmup_iters: int | None = None,
+        renorm_warmup_iters: int | None = None,
+        accumulate: int | None = None,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset],
+        config = preset_config(
+            self.preset,
+            momentum,
             eps=eps,
-            momentum=momentum,
             norm_batch_size=norm_batch_size,
             window=window,
             r_max=r_max,
@@ -433,39 +414,6 @@ class MABN1d(_MABNBase):
 
     _input_dims = (2, 3)
     _input_shape = "(N, C) or (N, C, L)"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            window,
-            r_max,
-            warmup_iters,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
 
 
 class MABN2d(_MABNBase):
@@ -544,39 +492,6 @@ class MABN2d(_MABNBase):
     _input_dims = (4,)
     _input_shape = "(N, C, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            window,
-            r_max,
-            warmup_iters,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
-
 
 class MABN3d(_MABNBase):
     r"""Moving Average Batch Normalization over a 5D input (N, C, D, H, W).
@@ -623,58 +538,25 @@ class MABN3d(_MABNBase):
     _input_dims = (5,)
     _input_shape = "(N, C, D, H, W)"
 
+
+class _GhostBatchNormBase(StreamNorm):
+    preset: ClassVar[str] = "bn"
+    config_keywords = PRESETS[preset].settings()
+
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
+        eps: float | None = None,
+        momentum: float | None | FromPreset = FROM_PRESET,
         affine: bool = True,
         *,
         norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
+        accumulate: int | None = None,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            window,
-            r_max,
-            warmup_iters,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
-
-
-class _GhostBatchNormBase(StreamNorm):
-    preset: ClassVar[str] = "bn"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        norm_batch_size: int | None,
-        accumulate: int,
-        process_group: Any,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset], eps=eps, momentum=momentum, norm_batch_size=norm_batch_size, accumulate=accumulate
-        )
+        config = preset_config(self.preset, momentum, eps=eps, norm_batch_size=norm_batch_size, accumulate=accumulate)
         super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
 
@@ -719,21 +601,6 @@ class GhostBatchNorm1d(_GhostBatchNormBase):
     _input_dims = (2, 3)
     _input_shape = "(N, C) or (N, C, L)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
-
 
 class GhostBatchNorm2d(_GhostBatchNormBase):
     r"""Ghost Batch Normalization over a 4D input (N, C, H, W): BatchNorm with statistics of B-sample groups.
@@ -777,21 +644,6 @@ class GhostBatchNorm2d(_GhostBatchNormBase):
     _input_dims = (4,)
     _input_shape = "(N, C, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
-
 
 class GhostBatchNorm3d(_GhostBatchNormBase):
     r"""Ghost Batch Normalization over a 5D input (N, C, D, H, W).
@@ -831,44 +683,31 @@ class GhostBatchNorm3d(_GhostBatchNormBase):
     _input_dims = (5,)
     _input_shape = "(N, C, D, H, W)"
 
+
+class _BatchRenormBase(StreamNorm):
+    preset: ClassVar[str] = "brn"
+    config_keywords = PRESETS[preset].settings()
+
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        eps: float | None = None,
+        momentum: float | None | FromPreset = FROM_PRESET,
         affine: bool = True,
         *,
         norm_batch_size: int | None = None,
-        accumulate: int = 1,
+        r_max: float | None = None,
+        d_max: float | None = None,
+        renorm_warmup_iters: int | None = None,
+        accumulate: int | None = None,
         process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, norm_batch_size, accumulate, process_group, device, dtype)
-
-
-class _BatchRenormBase(StreamNorm):
-    preset: ClassVar[str] = "brn"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        norm_batch_size: int | None,
-        r_max: float,
-        d_max: float,
-        renorm_warmup_iters: int,
-        accumulate: int,
-        process_group: Any,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> None:
-        config = dataclasses.replace(
-            PRESETS[self.preset],
+        config = preset_config(
+            self.preset,
+            momentum,
             eps=eps,
-            momentum=momentum,
             norm_batch_size=norm_batch_size,
             r_max=r_max,
             d_max=d_max,
@@ -919,37 +758,6 @@ class BatchRenorm1d(_BatchRenormBase):
     _input_dims = (2, 3)
     _input_shape = "(N, C) or (N, C, L)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            r_max,
-            d_max,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
-
 
 class BatchRenorm2d(_BatchRenormBase):
     r"""Batch Renormalization over a 4D input (N, C, H, W) (Ioffe, 2017), with optional ghost groups.
@@ -994,37 +802,6 @@ class BatchRenorm2d(_BatchRenormBase):
     _input_dims = (4,)
     _input_shape = "(N, C, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            r_max,
-            d_max,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
-
 
 class BatchRenorm3d(_BatchRenormBase):
     r"""Batch Renormalization over a 5D input (N, C, D, H, W), with optional ghost groups.
@@ -1067,43 +844,54 @@ class BatchRenorm3d(_BatchRenormBase):
     _input_dims = (5,)
     _input_shape = "(N, C, D, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        *,
-        norm_batch_size: int | None = None,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            norm_batch_size,
-            r_max,
-            d_max,
-            renorm_warmup_iters,
-            accumulate,
-            process_group,
-            device,
-            dtype,
-        )
-
 
 _General = TypeVar("_General", bound="_GeneralBatchNormBase")
 
 
 class _GeneralBatchNormBase(StreamNorm):
-    preset: ClassVar[str | None] = None
+    # Any member of the family: every field of NormConfig is a keyword, MABN's values by default.
+    preset: ClassVar[str] = "mabn"
+    config_keywords = tuple(f.name for f in dataclasses.fields(NormConfig))
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum: float | None | FromPreset = FROM_PRESET,
+        affine: bool = True,
+        *,
+        centered: bool | None = None,
+        forward_stats: str | None = None,
+        renorm: bool | None = None,
+        backward_stats: str | None = None,
+        norm_batch_size: int | None = None,
+        window: int | None = None,
+        r_max: float | None = None,
+        d_max: float | None = None,
+        warmup_iters: int | None = None,
+        renorm_warmup_iters: int | None = None,
+        accumulate: int | None = None,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        config = preset_config(
+            self.preset,
+            momentum,
+            centered=centered,
+            forward_stats=forward_stats,
+            renorm=renorm,
+            backward_stats=backward_stats,
+            eps=eps,
+            norm_batch_size=norm_batch_size,
+            window=window,
+            r_max=r_max,
+            d_max=d_max,
+            warmup_iters=warmup_iters,
+            renorm_warmup_iters=renorm_warmup_iters,
+            accumulate=accumulate,
+        )
+        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
     @classmethod
     def from_preset(cls: type[_General], preset: str, num_features: int, **kwargs: Any) -> _General:
@@ -1166,45 +954,6 @@ class GeneralBatchNorm1d(_GeneralBatchNormBase):
     _input_dims = (2, 3)
     _input_shape = "(N, C) or (N, C, L)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
-        affine: bool = True,
-        *,
-        centered: bool = False,
-        forward_stats: str = "sma",
-        renorm: bool = True,
-        backward_stats: str = "sma",
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        d_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        config = NormConfig(
-            centered=centered,
-            forward_stats=forward_stats,
-            renorm=renorm,
-            backward_stats=backward_stats,
-            eps=eps,
-            momentum=momentum,
-            norm_batch_size=norm_batch_size,
-            window=window,
-            r_max=r_max,
-            d_max=d_max,
-            warmup_iters=warmup_iters,
-            renorm_warmup_iters=renorm_warmup_iters,
-            accumulate=accumulate,
-        )
-        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
-
 
 class GeneralBatchNorm2d(_GeneralBatchNormBase):
     r"""Any member of the family over a 4D input (N, C, H, W): every method of the paper and every ablation row.
@@ -1260,45 +1009,6 @@ class GeneralBatchNorm2d(_GeneralBatchNormBase):
     _input_dims = (4,)
     _input_shape = "(N, C, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
-        affine: bool = True,
-        *,
-        centered: bool = False,
-        forward_stats: str = "sma",
-        renorm: bool = True,
-        backward_stats: str = "sma",
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        d_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        config = NormConfig(
-            centered=centered,
-            forward_stats=forward_stats,
-            renorm=renorm,
-            backward_stats=backward_stats,
-            eps=eps,
-            momentum=momentum,
-            norm_batch_size=norm_batch_size,
-            window=window,
-            r_max=r_max,
-            d_max=d_max,
-            warmup_iters=warmup_iters,
-            renorm_warmup_iters=renorm_warmup_iters,
-            accumulate=accumulate,
-        )
-        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
-
 
 class GeneralBatchNorm3d(_GeneralBatchNormBase):
     r"""Any member of the family over a 5D input (N, C, D, H, W).
@@ -1346,54 +1056,21 @@ class GeneralBatchNorm3d(_GeneralBatchNormBase):
     _input_dims = (5,)
     _input_shape = "(N, C, D, H, W)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.02,
-        affine: bool = True,
-        *,
-        centered: bool = False,
-        forward_stats: str = "sma",
-        renorm: bool = True,
-        backward_stats: str = "sma",
-        norm_batch_size: int | None = None,
-        window: int = 16,
-        r_max: float = 5.0,
-        d_max: float = 5.0,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        accumulate: int = 1,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        config = NormConfig(
-            centered=centered,
-            forward_stats=forward_stats,
-            renorm=renorm,
-            backward_stats=backward_stats,
-            eps=eps,
-            momentum=momentum,
-            norm_batch_size=norm_batch_size,
-            window=window,
-            r_max=r_max,
-            d_max=d_max,
-            warmup_iters=warmup_iters,
-            renorm_warmup_iters=renorm_warmup_iters,
-            accumulate=accumulate,
-        )
-        super().__init__(num_features, config, affine, process_group=process_group, device=device, dtype=dtype)
 
-
-#: Families of 1-D/2-D/3-D layer classes by name: this package's and torch's (for the factory,
-#: the converter and :func:`mabn.factory.same_family`).
-FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
-    "mabn": (MABN1d, MABN2d, MABN3d),
-    "ghost_bn": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
-    "brn": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
-    "general": (GeneralBatchNorm1d, GeneralBatchNorm2d, GeneralBatchNorm3d),
-    "torch_bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-    "torch_in": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
-    "frozen_bn": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
-}
+#: The 1-D, 2-D and 3-D classes of each family (:data:`mabn.factory.NORMS` names them).
+MABN_CLASSES: tuple[type[StreamNorm], type[StreamNorm], type[StreamNorm]] = (MABN1d, MABN2d, MABN3d)
+GHOST_BATCH_NORM_CLASSES: tuple[type[StreamNorm], type[StreamNorm], type[StreamNorm]] = (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
+BATCH_RENORM_CLASSES: tuple[type[StreamNorm], type[StreamNorm], type[StreamNorm]] = (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+)
+GENERAL_BATCH_NORM_CLASSES: tuple[type[StreamNorm], type[StreamNorm], type[StreamNorm]] = (
+    GeneralBatchNorm1d,
+    GeneralBatchNorm2d,
+    GeneralBatchNorm3d,
+)

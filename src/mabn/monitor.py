@@ -32,10 +32,9 @@ from ._checks import check_int
 from .functional import window_means
 from .modules import StreamNorm
 
-__all__ = ["BatchStatsMonitor", "STATISTICS", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
+__all__ = ["BatchStatsMonitor", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
 
-#: The statistics a record can hold, in the order they are recorded.
-STATISTICS = ("mu", "sigma2", "chi2", "g", "psi")
+# The statistics a record can hold, in the order they are recorded: forward, then backward.
 _FORWARD = ("mu", "sigma2", "chi2")
 _BACKWARD = ("g", "psi")
 

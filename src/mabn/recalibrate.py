@@ -3,6 +3,8 @@
 An exponential moving average of batch statistics weighs the last batches most and lags behind the
 weights; at 1-2 samples per batch it is also noisy. :func:`recalibrate` replaces it by the
 population statistics of each layer's input over the given batches, with the weights fixed.
+:func:`update_bn` is the same for stochastic weight averaging, with the signature of
+:func:`torch.optim.swa_utils.update_bn` (which only sees torch's BatchNorms).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ._checks import check_int
 from .adapters import check_layout, find_norm_adapter, looks_like_norm, unknown_norm_error
 from .modules import StreamNorm
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "update_bn"]
 
 
 class _Moments:
@@ -93,7 +95,7 @@ def recalibrate(
     batches: Iterable[Any],
     *,
     num_batches: int | None = None,
-    device: torch.device | str | None = None,
+    device: int | torch.device | str | None = None,
 ) -> nn.Module:
     r"""Set the running statistics of every normalization layer to their population values over ``batches``.
 
@@ -137,6 +139,8 @@ def recalibrate(
         >>> torch.allclose(model[1].running_var, x.square().mean((0, 2, 3)), atol=1e-5)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if num_batches is not None:
         check_int("num_batches", num_batches, 1)
     layers = _layers(model)
@@ -166,6 +170,72 @@ def recalibrate(
         for key, value in new[name].items():
             getattr(m, key).copy_(value)
     return model
+
+
+def update_bn(
+    loader: Iterable[Any],
+    model: nn.Module,
+    device: int | torch.device | str | None = None,
+) -> None:
+    """Recompute the running statistics of every norm layer of ``model`` over ``loader``: SWA's last step.
+
+    A drop-in for :func:`torch.optim.swa_utils.update_bn`, which looks for torch's ``_BatchNorm``
+    only and leaves this package's layers with the statistics of the weights before averaging. Here
+    every layer with running statistics is updated: this package's (MABN, ghost BN, BRN, ...),
+    torch's BatchNorms and every BatchNorm :mod:`mabn.adapters` knows (timm's ``BatchNormAct2d``,
+    ...); frozen BatchNorms keep theirs. It is :func:`recalibrate` over the whole loader: the old
+    running statistics are discarded and replaced by their population values over all samples of the
+    loader (for the uncentered layers, MABN, the second moment). Works on a
+    :class:`torch.optim.swa_utils.AveragedModel` as on the model itself.
+
+    Differences from torch's function, each deliberate:
+
+    * the statistics weigh every sample equally (torch averages per-batch statistics, equal weight
+      per batch): the same mean, and the variance of the whole population, not the mean of batch
+      variances;
+    * ``num_batches_tracked`` and the moving-average windows are kept, so training can continue
+      from the averaged model with its warm-ups where they were (torch resets the counter);
+    * every module's ``.training`` flag is restored (torch sets the model's recursively);
+    * a loader with no batch is an error (torch leaves the reset statistics, mean 0 and variance 1).
+
+    Args:
+        loader: the data to compute the statistics on, e.g. the training ``DataLoader``: an iterable
+            of input Tensors or of tuples/lists whose first element is the input.
+        model: the model (changed in place), e.g. an ``AveragedModel``. A model without a layer
+            with running statistics is left as it is, as torch's function does.
+        device: move each input there first. Default: leave it.
+
+    Returns:
+        None, as torch's function.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (e.g. the arguments swapped), ``loader`` is not
+            iterable, or a batch is neither a Tensor nor a tuple/list starting with one.
+        ValueError: an empty loader, non-finite statistics, or a layer that looks like a BatchNorm of an
+            unknown class (named). On an error the model is left as it was.
+
+    Example::
+
+        >>> import torch, mabn
+        >>> from torch.optim.swa_utils import AveragedModel
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), mabn.MABN2d(4, norm_batch_size=2))
+        >>> swa = AveragedModel(model)
+        >>> loader = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(5)]
+        >>> mabn.update_bn(loader, swa)
+        >>> x = torch.cat([swa.module[0](b[0]) for b in loader])
+        >>> torch.allclose(swa.module[1].running_var, x.square().mean((0, 2, 3)), atol=1e-5)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        swapped = " (the loader comes first: update_bn(loader, model))" if isinstance(loader, nn.Module) else ""
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}{swapped}")
+    if isinstance(loader, (Tensor, nn.Module)) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"loader must be an iterable of batches (e.g. a DataLoader or a list of Tensors), got {type(loader).__name__}"
+        )
+    if not _layers(model):
+        return  # nothing with running statistics (GroupNorm, LayerNorm, ...): as torch's update_bn
+    recalibrate(model, loader, device=device)
 
 
 def _recorder(moments: _Moments) -> Any:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters import is_frozen_batch_norm
 from ..conv import CenConv2d
+from ..convert import is_norm_layer
 from ..factory import default_num_groups
 from ..frozen import FrozenBatchNorm2d
 from ..modules import BatchRenorm2d, GhostBatchNorm2d, MABN2d, StreamNorm
@@ -160,13 +160,6 @@ WORKLOADS = (("ResNet-50", "resnet50", 224), ("FPN-ResNet-50", "fpn_resnet50", 5
 SMALL_BATCHES = (1, 2)
 
 
-def is_norm_layer(module: nn.Module) -> bool:
-    """BatchNorm, GroupNorm, frozen BN or a layer of this package."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, StreamNorm)) or is_frozen_batch_norm(
-        module
-    )
-
-
 def norm_input_shapes(model: nn.Module, x: Tensor) -> list[tuple[int, ...]]:
     """The distinct per-sample input shapes (C, H, W) of ``model``'s norm layers on ``x``, in call order.
 
@@ -179,7 +172,9 @@ def norm_input_shapes(model: nn.Module, x: Tensor) -> list[tuple[int, ...]]:
         if shape not in shapes:
             shapes.append(shape)
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if is_norm_layer(m)]
+    # Every norm a workload may be built with: the converters' (BatchNorms, this package's) and GroupNorm.
+    norms = [m for m in model.modules() if is_norm_layer(m) or isinstance(m, nn.GroupNorm)]
+    handles = [m.register_forward_pre_hook(record) for m in norms]
     try:
         with torch.no_grad():
             model(x)

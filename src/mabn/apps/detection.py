@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InMemorySource, normalize
+from .files import pyplot, save_figure
 from .scenes import FASHION_MNIST_CLASSES, PALETTE, SCENE_CLASSES, Scenes, scene_splits
 
 __all__ = [
@@ -396,10 +397,7 @@ def plot_detections(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     if images.dim() == 4:
@@ -439,16 +437,7 @@ def plot_detections(
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title or "Fashion-MNIST scenes and their boxes", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def ground_truth_rows(source: DetectionTensorSource, n: int) -> tuple[list[dict[str, Tensor]], list[Tensor]]:

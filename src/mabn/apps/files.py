@@ -1,4 +1,4 @@
-"""Files that are either complete or absent: atomic writes, and digests of a model's tensors."""
+"""Files that are either complete or absent: atomic writes and figures, and digests of a model's tensors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["atomic_write", "atomic_save", "write_json", "param_digest", "buffer_digest"]
+__all__ = ["atomic_write", "atomic_save", "write_json", "pyplot", "save_figure", "param_digest", "buffer_digest"]
 
 
 def _umask() -> int:
@@ -61,6 +61,31 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def pyplot() -> Any:
+    """matplotlib's ``pyplot`` on the file backend (Agg): figures are written, never shown.
+
+    Imported on use: matplotlib is an optional dependency (the ``plot`` extra).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` (its directory created, the format from its suffix) through
+    :func:`atomic_write`, close it and return ``path`` as a :class:`~pathlib.Path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or None, dpi=dpi))
+    finally:
+        pyplot().close(fig)
+    return path
 
 
 def param_digest(model: nn.Module) -> str:

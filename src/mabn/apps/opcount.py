@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._kernels import use_paths
 from ..config import PRESETS
 from ..frozen import FrozenBatchNorm2d
+from ..kernels import use_paths
 from ..modules import BatchRenorm2d, GeneralBatchNorm2d, GhostBatchNorm2d, MABN2d
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "touches_tensors",
     "count_forward_backward",
     "COUNT_SHAPE",
+    "DISPATCHES",
     "LARGE_MAP_SHAPE",
     "LAYERS",
     "build_layer",
@@ -134,10 +135,19 @@ def count_forward_backward(layer: nn.Module, x: Tensor, dy: Tensor) -> Operation
     return counter.count
 
 
+#: How a call is dispatched, as :func:`mabn.kernels.use_paths` settings: the fused CPU step (the
+#: default on a CPU), the composed CPU paths (a CPU without a C compiler) and the generic paths (what
+#: every other device runs).
+DISPATCHES: dict[str, dict[str, Any]] = {
+    "fused": {"step": "fused"},
+    "composed": {"step": "composed"},
+    "generic": {"cpu_specific": False},
+}
+
 #: The input of the counts: 4 samples (G = 1 or 4 groups of B = 4 or 1), 32 channels (GroupNorm(32, C)),
-#: 32 x 32 maps. Each sample has 32 768 values, above ``mabn._kernels.PER_SAMPLE_MIN_NUMEL``, and each
-#: map 1024, at most ``mabn._kernels.FUSED_MAX_SPATIAL``: on contiguous CPU input the dispatch takes
-#: the paths of ResNet-50's 28 x 28, 14 x 14 and 7 x 7 maps at one or two images.
+#: 32 x 32 maps. Each sample has 32 768 values, above ``mabn.kernels.PER_SAMPLE_MIN_NUMEL``, and each
+#: map 1024, at most ``mabn.kernels.FUSED_MAX_SPATIAL``: on contiguous CPU input the composed dispatch
+#: takes the paths of ResNet-50's 28 x 28, 14 x 14 and 7 x 7 maps at one or two images.
 COUNT_SHAPE = (4, 32, 32, 32)
 #: The same with 64 x 64 maps, above ``FUSED_MAX_SPATIAL``: the CPU paths of the 56 x 56 and 112 x 112 maps.
 LARGE_MAP_SHAPE = (4, 32, 64, 64)
@@ -191,13 +201,13 @@ def count_layer(
     *,
     shape: tuple[int, int, int, int] = COUNT_SHAPE,
     channels_last: bool = False,
-    cpu_specific: bool = True,
+    dispatch: str = "fused",
     process_group: Any = None,
 ) -> OperationCount | None:
     """The operations of one training forward+backward of layer ``name`` past its warm-ups.
 
-    ``cpu_specific=False`` takes the generic kernel paths (``mabn._kernels.use_paths``), what a GPU
-    runs. Returns None where the layer has no such configuration (see :func:`build_layer`).
+    ``dispatch`` is a key of :data:`DISPATCHES`: ``"generic"`` counts what a GPU runs. Returns None
+    where the layer has no such configuration (see :func:`build_layer`).
 
     Example::
 
@@ -212,7 +222,9 @@ def count_layer(
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator).contiguous(memory_format=fmt)
     dy = torch.randn(shape, generator=generator).contiguous(memory_format=fmt)
-    with use_paths(cpu_specific=cpu_specific):
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {tuple(DISPATCHES)}, got {dispatch!r}")
+    with use_paths(**DISPATCHES[dispatch]):
         for _ in range(WARMUP_CALLS):
             leaf = x.detach().requires_grad_()
             params = [p for p in layer.parameters() if p.requires_grad]
@@ -223,9 +235,9 @@ def count_layer(
 def synced_counts(rank: int, world: int, init_file: str, out_file: str, shape: tuple[int, int, int, int]) -> None:
     """Run in each of ``world`` gloo processes (``torch.multiprocessing.spawn``): rank 0 writes the counts.
 
-    Every synced layer at G = 1 and 4, with the CPU dispatch and with the generic paths; every rank
+    Every synced layer at G = 1 and 4, with the fused CPU step and with the generic paths; every rank
     makes the same calls, so that the collectives pair up. ``out_file`` receives a JSON dict
-    ``"name|groups|cpu_specific" -> {"ops", "views", "left_out"}`` (the fields of :class:`OperationCount`).
+    ``"name|groups|dispatch" -> {"ops", "views", "left_out"}`` (the fields of :class:`OperationCount`).
     """
     import json
 
@@ -235,14 +247,14 @@ def synced_counts(rank: int, world: int, init_file: str, out_file: str, shape: t
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for cpu_specific in (True, False):
+        for dispatch in ("fused", "generic"):
             for name in LAYERS:
                 for groups in (1, 4):
                     count = count_layer(
-                        name, groups, shape=shape, cpu_specific=cpu_specific, process_group=dist.group.WORLD
+                        name, groups, shape=shape, dispatch=dispatch, process_group=dist.group.WORLD
                     )
                     if count is not None:
-                        results[f"{name}|{groups}|{cpu_specific}"] = {
+                        results[f"{name}|{groups}|{dispatch}"] = {
                             "ops": count.ops,
                             "views": count.views,
                             "left_out": dict(count.left_out),

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
+from .files import atomic_write, pyplot, save_figure
 from .grids import ABLATION_ROWS, GRID_SPECS, GridSpec, grid_runs
 
 __all__ = ["CSV_COLUMNS", "markdown", "plot_predictions", "plot_rows", "plot_sweep", "summarize", "write_summary"]
@@ -266,29 +266,9 @@ def write_summary(
     return paths
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_rows(grid: str, rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> Path:
     """One horizontal bar per row (mean of the metric) with every seed as a dot: the seed spread at a glance."""
-    plt = _pyplot()
+    plt = pyplot()
     spec = _spec(grid)
     summary = summarize(rows, spec.metric, spec.baseline)
     fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(summary) + 1.3), dpi=120)
@@ -306,12 +286,12 @@ def plot_rows(grid: str, rows: list[dict[str, Any]], path: Path, base: dict[str,
     ax.set_title(f"{grid}: {base['data']}, gradient batch {base['batch_size']}", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> Path:
     """Error vs normalization batch size, one line per method (the paper's Figure 1(b))."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = summarize(rows)
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     styles = {"BN": ("tab:blue", "o"), "BRN": ("tab:orange", "s"), "MABN": ("tab:green", "^")}
@@ -334,7 +314,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> 
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predictions(grid: str, out: Path, path: Path, base: dict[str, Any], seed: int = 0, n: int = 6) -> Path | None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InMemorySource, load_fashion_mnist, normalize
+from .files import pyplot, save_figure
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -572,10 +573,7 @@ def plot_scenes(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     if isinstance(scenes, SegmentationTensorSource):
@@ -623,16 +621,7 @@ def plot_scenes(
     fig.legend(handles=handles, loc="lower center", ncol=11 if n >= 6 else 4, fontsize=8, frameon=False)
     h, w = masks.shape[1:]
     fig.suptitle(title or f"Fashion-MNIST scenes ({h} x {w}) and their label maps", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

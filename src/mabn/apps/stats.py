@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..monitor import log_format, read_stats_log, write_stats_csv, write_stats_jsonl
+from .files import pyplot, save_figure
 
 __all__ = [
     "RUNS",
@@ -268,15 +269,6 @@ def _series(records: Sequence[dict[str, Any]], run_name: str, layer: str, stat: 
     return sorted(rows, key=lambda r: r["step"])
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_run(records: Sequence[dict[str, Any]], run_name: str, layer: str, path: str | os.PathLike) -> None:
     """One figure in the style of the paper's Figures 2-4: four panels of per-step norms.
 
@@ -285,7 +277,7 @@ def plot_run(records: Sequence[dict[str, Any]], run_name: str, layer: str, path:
     has a window, its moving average at the probed group (a dotted line marks the step from which
     the layer uses it).
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     first = next((r for r in records if (r.get("run") or "run") == run_name and r.get("layer") == layer), None)
@@ -331,13 +323,12 @@ def plot_run(records: Sequence[dict[str, Any]], run_name: str, layer: str, path:
     ncol = len(handles) if len(handles) <= 3 else 2
     fig.legend(handles=list(handles.values()), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.04 if ncol == len(handles) else 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_deviation(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Bar chart of the table: mean relative deviation from the regular batch, per run and statistic."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [s for s in summary if s["used"]]
     if not rows:
         raise ValueError("nothing to plot: no statistic used by its form in the summary")
@@ -355,8 +346,7 @@ def plot_deviation(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _parse_runs(text: str) -> list[str]:

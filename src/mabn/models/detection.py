@@ -221,6 +221,26 @@ class PreparedImages(GeneralizedRCNNTransform):
 _STEMS = {2: "small_stride2", 4: "imagenet"}
 
 
+def _parts(
+    in_channels: int,
+    depth: int,
+    width: int,
+    stem_stride: int,
+    fpn_channels: int | None,
+    stages: Sequence[int],
+    extra_levels: int,
+    norm_layer: NormSpec,
+    norm_kwargs: dict[str, Any],
+    conv_layer: ConvSpec,
+    head_warmup_iters: int | None,
+) -> tuple[FeaturePyramid, Callable[..., nn.Module], NormBuilder]:
+    """What every detector here is built from: the backbone, and the convolution and norm of its heads."""
+    conv, _ = resolve_conv(conv_layer)
+    backbone = _backbone(in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels, norm_layer,
+                         norm_kwargs, conv_layer)  # fmt: skip
+    return backbone, conv, _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
+
+
 def _backbone(
     in_channels: int,
     depth: int,
@@ -312,12 +332,9 @@ def fcos_resnet_small(
     Raises:
         TypeError: a size that is not an int. ValueError: a bad size or option (named in the message).
     """
-    conv, _ = resolve_conv(conv_layer)
-    backbone = _backbone(
-        in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer
-    )
+    backbone, conv, norm = _parts(in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels,
+                                  norm_layer, norm_kwargs, conv_layer, head_warmup_iters)  # fmt: skip
     levels = len(backbone.strides)
-    norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
     head = FCOSLevelHead(backbone.out_channels, check_int("num_classes", num_classes, 2), levels,
                          check_int("head_convs", head_convs, 0), norm, conv)  # fmt: skip
     anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * levels)
@@ -357,14 +374,11 @@ def retinanet_resnet_small(
     Returns:
         The detector, in training mode (see torchvision's ``RetinaNet``).
     """
-    conv, _ = resolve_conv(conv_layer)
-    backbone = _backbone(
-        in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer
-    )
+    backbone, conv, norm = _parts(in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels,
+                                  norm_layer, norm_kwargs, conv_layer, head_warmup_iters)  # fmt: skip
     levels = len(backbone.strides)
     sizes = tuple(tuple(round(anchor_scale * s * 2 ** (k / 3)) for k in range(3)) for s in backbone.strides)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
-    norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
     head = RetinaNetLevelHead(
         backbone.out_channels, anchors.num_anchors_per_location()[0], check_int("num_classes", num_classes, 2),
         levels, check_int("head_convs", head_convs, 0), norm, conv,
@@ -435,12 +449,9 @@ def maskrcnn_resnet_small(
             "maskrcnn_resnet_small normalizes each RoI head over the RoIs of the whole batch: norm_batch_size "
             f"({norm_kwargs['norm_batch_size']}) cannot split it by images; use gradient accumulation instead"
         )
-    conv, _ = resolve_conv(conv_layer)
-    backbone = _backbone(
-        in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer
-    )
+    backbone, conv, norm = _parts(in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels,
+                                  norm_layer, norm_kwargs, conv_layer, head_warmup_iters)  # fmt: skip
     channels, names = backbone.out_channels, backbone.names
-    norm = _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
     head_convs, representation = check_int("head_convs", head_convs, 0), check_int("representation", representation, 1)
     box_head = nn.Sequential(
         *_roi_convs(channels, head_convs, norm, conv),

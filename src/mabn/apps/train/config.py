@@ -14,7 +14,8 @@ from ...config import PRESETS
 from ...conv import CONV_CHOICES as LIBRARY_CONV_CHOICES
 from ...convert import PRESERVE_CHOICES
 from ...factory import NORM_NAMES, canonical_name, is_batch_norm
-from ...models import ARCH_TASKS, ARCHS, DETECTION_ARCHS
+from ...models import ARCHS, DETECTION_ARCHS
+from ...models.build import arch_task, check_arch
 from ..sources import DATA_SOURCES, DATA_TASKS
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -162,8 +163,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "arch",
         None,
-        f"{', '.join(ARCHS)} (default: resnet_small for classification, fpn_resnet_small for segmentation, "
-        "fcos_resnet_small for detection)",
+        f"{', '.join(ARCHS)}, or a classifier of timm or torchvision as timm:NAME or torchvision:NAME "
+        "(e.g. timm:resnet50d, torchvision:mobilenet_v3_large: built for the data's channels and classes, "
+        "no pretrained weights, its BatchNorms converted to --norm) (default: resnet_small for classification, "
+        "fpn_resnet_small for segmentation, fcos_resnet_small for detection)",
         "model",
     ),
     Option("depth", None, "resnet_small, fpn_resnet_small, detectors: basic blocks per stage", "model", type=int),
@@ -486,8 +489,8 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
 def _check_choices(c: dict[str, Any]) -> None:
     if c["data"] not in DATA_SOURCES:
         raise ValueError(f"unknown data source {c['data']!r}; choose one of {', '.join(DATA_SOURCES)}")
-    if c["arch"] is not None and c["arch"] not in ARCHS:
-        raise ValueError(f"unknown --arch {c['arch']!r}; choose one of {', '.join(ARCHS)}")
+    if c["arch"] is not None:
+        check_arch(c["arch"], "--arch")  # a timm or torchvision name: its library is imported to check it
     if c["conv"] is not None and c["conv"] not in LIBRARY_CONV_CHOICES:
         raise ValueError(f"unknown --conv {c['conv']!r}; choose one of {', '.join(CONV_CHOICES)}")
     if c["schedule"] not in SCHEDULES:
@@ -516,7 +519,7 @@ def _check_task(c: dict[str, Any]) -> None:
         raise ValueError(f"--task {c['task']} with --data {c['data']}: that data source is for {' and '.join(tasks)}")
     task = c["task"] = c["task"] or tasks[0]
     c["arch"] = c["arch"] or DEFAULT_ARCH[task]
-    if ARCH_TASKS[c["arch"]] != task:
+    if arch_task(c["arch"]) != task:
         what = {"segmentation": "a segmentation head", "detection": "a detector"}.get(task, "a classifier")
         raise ValueError(f"--arch {c['arch']} is not {what}: --task {task} needs {what}")
     if c["arch"] not in SIZED_ARCHS and (c["depth"] is not None or c["width"] is not None):

@@ -14,7 +14,8 @@ from ...serialization import load_checkpoint, model_from_checkpoint
 
 
 def load_pretrained(model: nn.Module, config: dict[str, Any], mc: dict[str, Any]) -> str:
-    """Load ``config["init"]``'s weights into ``model`` (its ResNet encoder, :func:`mabn.models.encoder_of`); return a summary.
+    """Load ``config["init"]``'s weights into ``model`` (its ResNet encoder, :func:`mabn.models.encoder_of`; all of a
+    timm or torchvision classifier); return a summary.
 
     The pretrained model's norm layers are converted to the run's (``mabn.convert_model`` with
     ``preserve=config["init_preserve"]``), or frozen with ``freeze_norm``; the classifier of a

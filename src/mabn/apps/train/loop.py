@@ -280,7 +280,9 @@ def _start(run: _Run, fresh: bool) -> None:
 
             # The same layers (parameters, statistics, settings), with their statistics synced.
             convert_model(run.model, config["norm"], process_group=dist.group.WORLD)
-        # broadcast_buffers=False: each process keeps its normalization statistics (identical when synced).
+        # broadcast_buffers=False: each process keeps its own statistics stream. DDP's default would copy
+        # rank 0's windows over the others' before every forward; synced windows are equal anyway, so the
+        # copy would only cost a broadcast (docs/design.md, section 11).
         with warnings.catch_warnings():
             # torch 2.13 flags broadcast_buffers as deprecated but still advises it for rank-local buffers.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
