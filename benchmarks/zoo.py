@@ -4,8 +4,9 @@
     python benchmarks/zoo.py --only resnet18 --only timm/efficientnet_b0    # some rows, printed
     python benchmarks/zoo.py --derive-timm-list   # recompute results/zoo_timm_models.txt (~10 minutes)
 
-The architectures: every classification, detection and segmentation builder of torchvision
-(``torchvision.models.list_models`` of each module), and the smallest model (by parameter count)
+The architectures: every classification, detection, segmentation and video builder of torchvision
+(``torchvision.models.list_models`` of each module; video models on clips of their minimum frame
+count, 4 frames when they have none), and the smallest model (by parameter count)
 of every timm family that contains a BatchNorm, from the list ``results/zoo_timm_models.txt``
 (``--derive-timm-list`` writes it: a family is a timm model module and the name of the model
 without its size, as ``resnet`` in ``resnet10t``). Random weights, nothing downloaded.
@@ -22,7 +23,7 @@ for pretrained backbones):
 * train: one SGD step at 4 samples (2 normalization groups of 2) is finite (loss, gradients,
   parameters and buffers);
 * fold: ``mabn.fold`` of the converted model: the output change, the layers folded, and the
-  norm layers left with the reason;
+  norm layers left with the reason (the report's fold coverage counts them over the whole zoo);
 * revert: ``mabn.revert_model``: the output change, the original classes back, and the state dict
   loads with ``strict=True`` into a freshly built model of the same name;
 * ONNX: ``mabn.export_model`` to ONNX, run in onnxruntime (detection models: their backbone).
@@ -37,6 +38,7 @@ import argparse
 import collections
 import copy
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -61,6 +63,7 @@ TOL_FOLD = 1e-4
 TOL_REVERT = 1e-4
 TOL_ONNX = 1e-3
 SIZES = (64, 96, 128, 224, 299)  # input sizes tried in order, until the model runs
+FRAMES = 4  # frames of a video clip, for the models without a minimum of their own
 NUM_CLASSES = 10
 TIMEOUT = 3600  # seconds per architecture
 
@@ -73,7 +76,7 @@ class Arch:
     """One architecture of the zoo."""
 
     source: str  # "torchvision" or "timm"
-    task: str  # "classification", "detection" or "segmentation"
+    task: str  # "classification", "detection", "segmentation" or "video" (classification of clips)
     name: str
     family: str = ""
     variant: str = ""  # "", or one of VARIANTS: the model's BatchNorms as another class
@@ -111,7 +114,17 @@ def torchvision_archs() -> list[Arch]:
     archs = [Arch("torchvision", "classification", n) for n in tvm.list_models(module=tvm)]
     archs += [Arch("torchvision", "detection", n) for n in tvm.list_models(module=tvm.detection)]
     archs += [Arch("torchvision", "segmentation", n) for n in tvm.list_models(module=tvm.segmentation)]
+    archs += [Arch("torchvision", "video", n) for n in tvm.list_models(module=tvm.video)]
     return archs
+
+
+@functools.cache
+def video_minimum(name: str) -> tuple[int, int]:
+    """(the smallest frame size, the frame count) of a torchvision video model's clips, from its weights' metadata."""
+    import torchvision.models as tvm
+
+    meta = next(iter(tvm.get_model_weights(name))).meta
+    return int(meta.get("min_size", (1, 1))[-1]), int(meta.get("min_temporal_size", FRAMES))
 
 
 def timm_archs(path: Path = TIMM_LIST) -> list[Arch]:
@@ -172,7 +185,7 @@ def build(arch: Arch):
         return timm.create_model(arch.name, pretrained=False, num_classes=NUM_CLASSES)
     import torchvision.models as tvm
 
-    if arch.task == "classification":
+    if arch.task in ("classification", "video"):
         return tvm.get_model(arch.name, weights=None, num_classes=NUM_CLASSES)
     if arch.task == "segmentation":
         return tvm.get_model(arch.name, weights=None, weights_backbone=None, num_classes=3, aux_loss=False)
@@ -265,7 +278,8 @@ def batch(arch: Arch, size: int, n: int, seed: int):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, size, size, generator=g)
+    frames = (video_minimum(arch.name)[1],) if arch.task == "video" else ()
+    x = torch.rand(n, 3, *frames, size, size, generator=g)
     return x * 2 - 0.5  # a non-zero mean and a spread other than 1 in every layer
 
 
@@ -392,6 +406,9 @@ def pick_size(arch: Arch, model) -> int:
         sizes.append(int(cfg["input_size"][-1]))
     if arch.name.startswith("ssd"):
         sizes = [int(re.search(r"\d+", arch.name.split("_")[0]).group())]  # fixed by the builder
+    if arch.task == "video":  # s3d needs 224 px: skip the sizes below the model's minimum
+        smallest = video_minimum(arch.name)[0]
+        sizes = [s for s in sizes if s >= smallest] or [smallest]
     error = None
     for size in sorted(set(sizes)):
         try:
@@ -698,7 +715,7 @@ def markdown(rows: list[Row], command: str) -> str:
         f"`mabn.revert_model` (pass: at most {TOL_REVERT:g}), the original classes back and a `strict=True` load "
         f"into a new model; **ONNX** the relative error of onnxruntime on the exported model (pass: at most "
         f"{TOL_ONNX:g}). Sizes are input pixels (the smallest of {', '.join(map(str, SIZES))} or the model's own "
-        "at which it runs).",
+        f"at which it runs; video clips of the model's minimum frame count, else {FRAMES} frames).",
         "",
     ]
     sections = [
@@ -708,6 +725,7 @@ def markdown(rows: list[Row], command: str) -> str:
         ),
         ("torchvision detection", lambda r: "+" not in r.key and r.task == "detection"),
         ("torchvision segmentation", lambda r: "+" not in r.key and r.task == "segmentation"),
+        ("torchvision video", lambda r: "+" not in r.key and r.task == "video"),
         ("timm", lambda r: "+" not in r.key and r.source == "timm"),
         ("variants: the same models with other norm classes", lambda r: "+" in r.key),
     ]
@@ -723,7 +741,7 @@ def markdown(rows: list[Row], command: str) -> str:
                 lines.append(f"| {name} | {r.size or '-'} | {r.params:.1f} | {_counts(r.norms) or '-'} | "
                              f"- | - | - | - | - | - | - | {r.status}: {r.note} |")  # fmt: skip
                 continue
-            left = f"{r.folded} / {sum(r.left.values())}" + (f": {_counts(r.left)}" if r.left else "")
+            left = f"{r.folded} / {sum(r.left.values())}" + (f": {_counts(reason_kinds(r.left))}" if r.left else "")
             revert = _err(r.revert) + (f" ({r.revert_note})" if r.revert_note else "")
             onnx = _err(r.onnx) + (f" ({r.onnx_note})" if r.onnx_note else "")
             status = r.status + (f": {r.note}" if r.note else "")
@@ -742,14 +760,43 @@ def markdown(rows: list[Row], command: str) -> str:
     return "\n".join(lines)
 
 
+def reason_kind(reason: str) -> str:
+    """The case a reason of ``mabn.fold`` names: its text before the first ":" (the rest gives the layer's details)."""
+    return reason.split(":", 1)[0]
+
+
+def reason_kinds(left: dict[str, int]) -> dict[str, int]:
+    """Norm layers left unfolded, by reason -> by case."""
+    kinds: collections.Counter = collections.Counter()
+    for reason, count in left.items():
+        kinds[reason_kind(reason)] += count
+    return dict(kinds)
+
+
+def fold_coverage(rows: list[Row]) -> str:
+    """The norm layers folded out of all the norm layers of the folded models, and the others by case."""
+    folded = [r for r in rows if r.fold is not None]
+    done = sum(r.folded for r in folded)
+    left: collections.Counter = collections.Counter()
+    for r in folded:
+        left.update(reason_kinds(r.left))
+    total = done + sum(left.values())
+    share = f" ({100 * done / total:.1f} %)" if total else ""
+    line = (
+        f"Fold coverage: {done} of the {total} norm layers of the {len(folded)} folded models{share} folded into "
+        "the convolution before them"
+    )
+    if left:
+        line += f"; the other {sum(left.values())} stay in place, reported by `mabn.fold`: {_counts(dict(left))}"
+    return line + "."
+
+
 def totals(rows: list[Row]) -> list[str]:
-    """The layers converted by class, the largest errors, and the layers left unfolded by reason."""
+    """The layers converted by class, the largest errors, and the fold coverage."""
     converted = [r for r in rows if r.converted]
     by_class: collections.Counter = collections.Counter()
-    left: collections.Counter = collections.Counter()
     for r in converted:
         by_class.update(r.norms)
-        left.update(r.left)
     lines = [f"Norm layers converted: {sum(r.converted for r in converted)} ({_counts(dict(by_class))})."]
     worst = []
     for label, attr in (("kept", "kept"), ("fold", "fold"), ("revert", "revert"), ("ONNX", "onnx")):
@@ -759,11 +806,8 @@ def totals(rows: list[Row]) -> list[str]:
             worst.append(f"{label} {_err(value)} ({key})")
     if worst:
         lines.append(f"Largest relative changes: {'; '.join(worst)}.")
-    if left:
-        lines.append(
-            f"Norm layers left unfolded: {sum(left.values())}, all in place and reported by `mabn.fold`: "
-            f"{_counts(dict(left))}."
-        )
+    if any(r.fold is not None for r in rows):
+        lines.append(fold_coverage(rows))
     return lines
 
 

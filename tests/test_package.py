@@ -59,7 +59,9 @@ def test_dir_shows_the_public_api_and_the_public_submodules_only():
     import mabn
 
     submodules = {p.stem for p in LIBRARY.glob("*.py") if not p.stem.startswith("_")}
-    submodules |= {p.name for p in LIBRARY.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")} - {"apps"}
+    submodules |= {p.name for p in LIBRARY.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")} - {
+        "apps"
+    }
     assert set(dir(mabn)) == {"__version__", *mabn.__all__, *submodules}
     assert "monitor" in dir(mabn) and "apps" not in dir(mabn)
     for name in dir(mabn):

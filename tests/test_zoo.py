@@ -51,6 +51,9 @@ SLICE = [
     pytest.param(
         zoo.Arch("timm", CLS, "efficientnet_b0"), {"BatchNormAct2d"}, id="timm-efficientnet", marks=pytest.mark.slow
     ),
+    pytest.param(
+        zoo.Arch("torchvision", "video", "mc3_18"), {"BatchNorm3d"}, id="torchvision-video", marks=pytest.mark.slow
+    ),
 ]
 
 
@@ -64,6 +67,8 @@ def test_zoo_row_passes(arch, classes):
     assert row.converted == sum(row.norms.values())
     assert row.kept <= zoo.TOL_KEPT and row.fold <= zoo.TOL_FOLD and row.revert <= zoo.TOL_REVERT
     assert row.revert_note == "strict load ok" and row.train.startswith("ok")
+    # Every norm layer of these models directly follows a convolution of its own, and folds.
+    assert row.folded == row.converted and row.left == {}, row.left
 
 
 @pytest.mark.slow
@@ -92,6 +97,25 @@ def test_zoo_report_counts_every_row():
     line = zoo.summary(rows)
     assert line.startswith("**3 architectures** (1 torchvision, 2 timm), 2 with BatchNorm: 1 converted")
     assert "1 refused deliberately, 0 failed; 1 without BatchNorm" in line
+
+
+def test_zoo_report_counts_fold_coverage_by_case():
+    rows = [
+        zoo.Row("torchvision/a", "torchvision", CLS, converted=5, fold=0.0, folded=4,
+                left={"not preceded by a convolution: nothing to fold into": 1}),
+        zoo.Row("timm/b", "timm", CLS, converted=4, fold=0.0, folded=2, left={
+            "statistics of each sample: not an affine map, cannot fold": 3,
+            "after a convolution whose forward is not a plain convolution of its input: conv (X) folded, ...": 1,
+            "after a convolution whose forward is not a plain convolution of its input: conv2 (Y) folded, ...": 1,
+        }),
+        zoo.Row("timm/c", "timm", CLS, status="no BatchNorm", note="nothing to convert"),
+    ]  # fmt: skip
+    line = zoo.fold_coverage(rows)
+    assert line.startswith("Fold coverage: 6 of the 12 norm layers of the 2 folded models (50.0 %) folded")
+    assert "the other 6 stay in place" in line
+    assert "statistics of each sample x3" in line and "not preceded by a convolution" in line
+    assert "after a convolution whose forward is not a plain convolution of its input x2" in line
+    assert line in zoo.totals(rows)
 
 
 def test_timm_families():

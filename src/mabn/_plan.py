@@ -139,7 +139,19 @@ def plan_for(config: NormConfig, x: Tensor, groups: int, dtype: torch.dtype, syn
     if torch.compiler.is_compiling():
         return Plan(config, x, groups, dtype, synced)
     # The configuration is keyed by identity; the plan holds it, so the id cannot be reused while cached.
-    key = (id(config), x.shape, x.stride(), x.dtype, x.device, type(x), groups, dtype, synced, settings_key(), torch.get_num_threads())
+    key = (
+        id(config),
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        type(x),
+        groups,
+        dtype,
+        synced,
+        settings_key(),
+        torch.get_num_threads(),
+    )
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:

@@ -162,8 +162,6 @@ class _CenConvNd(_CachesCentralization):
         """The weight the layer actually applies: :func:`centralize_weight` of ``weight``."""
         return centralize_weight(self.weight)  # type: ignore[attr-defined]
 
-    centered_weight = centralized_weight  # the former name
-
     def forward(self, input: Tensor) -> Tensor:
         # Scripted or traced by torch.fx: the plain operations, which compute the same.
         if torch.jit.is_scripting() or not isinstance(input, Tensor):
@@ -274,8 +272,6 @@ class CenLinear(nn.Linear):
     def centralized_weight(self) -> Tensor:
         """The weight the layer actually applies: :func:`centralize_weight` of ``weight``."""
         return centralize_weight(self.weight)
-
-    centered_weight = centralized_weight  # the former name
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting() or not isinstance(input, Tensor):

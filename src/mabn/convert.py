@@ -583,9 +583,7 @@ def _revert_conv(src: nn.Module, centralized_weights: bool) -> nn.Module:
     return new
 
 
-def revert_model(
-    model: nn.Module, centralized_weights: bool = False, *, centered_weights: bool | None = None
-) -> nn.Module:
+def revert_model(model: nn.Module, centralized_weights: bool = False) -> nn.Module:
     """Turn every layer of this package back into the class it was converted from (the reverse of :func:`convert_model`).
 
     In place, recursive. A norm layer converted from another class becomes that class again (a
@@ -606,7 +604,6 @@ def revert_model(
         centralized_weights: False keeps the raw weights of centralized layers (the exact reverse of
             ``convert_model(conv="centralized")``); True bakes the centralization into new weights, so the
             plain layer computes what the centralized one did (see :func:`mabn.to_batchnorm`).
-        centered_weights: the former name of ``centralized_weights``; given, it takes its place.
 
     Returns:
         ``model``, or the new layer when ``model`` itself is a reverted layer.
@@ -625,8 +622,6 @@ def revert_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if centered_weights is not None:
-        centralized_weights = centered_weights
     replacements: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, StreamNorm) or (

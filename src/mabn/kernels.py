@@ -334,7 +334,12 @@ RULES: dict[str, tuple[tuple[str, Callable[[Site], bool]], ...]] = {
     "step": (
         # One native call per direction (mabn._native): the per-call vector work costs no dispatches.
         # Single-threaded: with several threads, large inputs go to torch's parallel kernels.
-        ("fused", lambda s: s.cpu and s.eager and s.fusable and s.layout != "other" and _fused_size(s) and _native_available()),
+        (
+            "fused",
+            lambda s: (
+                s.cpu and s.eager and s.fusable and s.layout != "other" and _fused_size(s) and _native_available()
+            ),
+        ),
         ("composed", lambda s: True),
     ),
 }

@@ -55,6 +55,10 @@ def _config_property(name: str, doc: str) -> property:
     return property(fget, fset, doc=doc)
 
 
+#: The fields of NormState after ``running_mean``, in order.
+_STATE_AFTER_MEAN = NormState._fields[1:]
+
+
 class StreamNorm(NormLayer, nn.Module):
     r"""Base class of every normalization layer of this package: the state of one statistics stream.
 
@@ -217,12 +221,8 @@ class StreamNorm(NormLayer, nn.Module):
 
     def state(self) -> NormState:
         """The buffers as the engine takes them (live references, updated in place)."""
-        return NormState(
-            running_mean=self.running_mean if self.config.centered else None,
-            running_var=self.running_var,
-            num_batches_tracked=self.num_batches_tracked,
-            **{name: getattr(self, name, None) for name in (*STREAM_FIELDS, *ACCUMULATION_FIELDS)},
-        )
+        buffers = self._buffers  # read directly: every training call builds this
+        return NormState(buffers.get("running_mean"), *(buffers.get(name) for name in _STATE_AFTER_MEAN))
 
     def forward(self, input: Tensor) -> Tensor:
         if is_proxy(input):  # a torch.fx trace: this layer is one call_module node of the graph

@@ -250,9 +250,7 @@ def synced_counts(rank: int, world: int, init_file: str, out_file: str, shape: t
         for dispatch in ("fused", "generic"):
             for name in LAYERS:
                 for groups in (1, 4):
-                    count = count_layer(
-                        name, groups, shape=shape, dispatch=dispatch, process_group=dist.group.WORLD
-                    )
+                    count = count_layer(name, groups, shape=shape, dispatch=dispatch, process_group=dist.group.WORLD)
                     if count is not None:
                         results[f"{name}|{groups}|{dispatch}"] = {
                             "ops": count.ops,
