@@ -87,26 +87,29 @@ def test_norm_input_shapes_of_the_workloads():
 
 
 def test_step_workloads_build_the_grid_rows():
-    from mabn.apps.bench import STEP_ROWS, resnet50_step, segmentation_step, set_past_warmup
+    from mabn.apps.bench import STEP_ROWS, STEP_WORKLOADS, set_past_warmup
 
     def layers(model):
         norms = {type(m) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, mabn.StreamNorm))}
         convs = {type(m) for m in model.modules() if isinstance(m, nn.Conv2d) and not isinstance(m, nn.ConvTranspose2d)}
         return norms, convs
 
-    for workload, groups in ((segmentation_step(), 8), (resnet50_step(), 32)):
+    for key, groups in (("segmentation", 8), ("detection", 8), ("resnet50-160", 32)):
+        workload = STEP_WORKLOADS[key]()
         assert tuple(workload.models) == STEP_ROWS
         models = {label: set_past_warmup(build()) for label, build in workload.models.items()}
         assert layers(models["BN(2)"]) == ({nn.BatchNorm2d}, {nn.Conv2d})
-        assert layers(models["MABN(2)+WC"]) == ({mabn.MABN2d}, {mabn.CenConv2d})
+        norms, convs = layers(models["MABN(2)+WC"])
+        # (the detector's prediction convolutions, with no norm after them, stay plain)
+        assert norms == {mabn.MABN2d} and mabn.CenConv2d in convs and convs <= {mabn.CenConv2d, nn.Conv2d}
         assert layers(models["MABN(2), no WC"]) == ({mabn.MABN2d}, {nn.Conv2d})
         assert layers(models["GN"]) == ({nn.GroupNorm}, {nn.Conv2d})
         assert {m.num_groups for m in models["GN"].modules() if isinstance(m, nn.GroupNorm)} == {groups}
         mabn_layers = [m for m in models["MABN(2)+WC"].modules() if isinstance(m, mabn.MABN2d)]
         assert all(m.norm_batch_size == 2 and m.warmup_iters == 2 for m in mabn_layers)
         x, target = workload.make_batch()
-        assert x.shape[0] == target.shape[0] == 2
-        loss = workload.loss(models["MABN(2)+WC"](x), target)
+        assert x.shape[0] == len(target) == 2
+        loss = workload.loss(models["MABN(2)+WC"], (x, target))
         assert loss.dim() == 0 and torch.isfinite(loss)
 
 
@@ -115,16 +118,17 @@ def test_bench_step_segmentation_eager(tmp_path):
     out = tmp_path / "step.md"
     argv = ["bench", "step", "--workloads", "segmentation", "--no-compile", "--repeats", "1", "--threads", "1"]
     assert main([*argv, "--out", str(out)]) == 0
-    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| segmentation")]
+    row, first = [line for line in out.read_text().splitlines() if line.startswith("| segmentation")]
     cells = row.strip("| ").split(" | ")
     assert cells[1] == "eager" and len(cells) == 6 and all(float(c) > 0 for c in cells[2:])
+    assert all(float(c) > 0 for c in first.strip("| ").split(" | ")[2:])  # the first steps' seconds
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["bench", "small", "--batches", "1,x"], "--batches expects comma-separated positive integers"),
-        (["bench", "step", "--workloads", "detection"], "--workloads takes segmentation and/or resnet50"),
+        (["bench", "step", "--workloads", "retinanet"], "--workloads takes segmentation, detection, resnet50-160"),
         (["bench", "small", "--out", "/nonexistent-dir/small.md"], "its directory does not exist"),
     ],
 )

@@ -137,9 +137,9 @@ class FusedFunction(torch.autograd.Function):
         numel, last = ctx.step
         if dy.stride() != x.stride():
             dy = dy.contiguous(memory_format=_memory_format(x))
-        sums = None
+        sums = local = None
         if ctx.call.sync is not None:
-            sums = _reduced_sums(dy, x, used, plan, ctx.call.sync)
+            local, sums = _reduced_sums(dy, x, used, plan, ctx.call.sync)
         coefficients = window = steps = calls = None
         mode = push = 0
         if config.backward_stats == "sma":
@@ -151,8 +151,11 @@ class FusedFunction(torch.autograd.Function):
                 mode, push = 1, int(pushed and window._version == version)
         needs = ctx.needs_input_grad
         dx = torch.empty_like(x) if needs[0] else None
-        grad_weight = torch.empty_like(weight) if weight is not None and needs[1] else None
-        grad_bias = x.new_empty(x.shape[1]) if needs[2] else None
+        # The affine gradients are this process's own (DDP averages them over the ranks): synced, they
+        # come from the local sums below, not from the reduced ones the native call sees.
+        own = local is None
+        grad_weight = torch.empty_like(weight) if weight is not None and needs[1] and own else None
+        grad_bias = x.new_empty(x.shape[1]) if needs[2] and own else None
         pushed = native.backward(
             native.spec,
             _ptr(dy),
@@ -179,20 +182,35 @@ class FusedFunction(torch.autograd.Function):
                 ctx.first_backward = (coefficients, bool(pushed), window._version)
             else:
                 ctx.first_backward = (coefficients, ctx.first_backward[1], window._version)
+        if local is not None:
+            grad_weight, grad_bias = _affine_gradients(local, used, weight, needs, plan)
         if grad_bias is not None and weight is not None and grad_bias.dtype != weight.dtype:
             grad_bias = grad_bias.to(weight.dtype)
         return dx, grad_weight, grad_bias, None, None, None, None
 
 
-def _reduced_sums(dy: Tensor, x: Tensor, used: Tensor, plan: Plan, sync: tuple[Any, int, bool, bool]) -> Tensor:
-    """The backward's per-group sums (2, G, C) of the union over the process group."""
+def _affine_gradients(sums: Tensor, used: Tensor, weight: Tensor | None, needs: tuple, plan: Plan) -> tuple:
+    """gamma's and beta's gradients from the (2, G, C) local sums: sum over groups of r * sum(dy * x_hat)
+    (plus d * sum(dy), centered and renormalized) and of sum(dy)."""
+    grad_weight = grad_bias = None
+    if weight is not None and needs[1]:
+        grad_weight = (used[2] * sums[1] + used[3] * sums[0]).sum(0).to(weight.dtype)
+    if needs[2]:
+        grad_bias = sums[0].sum(0)
+    return grad_weight, grad_bias
+
+
+def _reduced_sums(
+    dy: Tensor, x: Tensor, used: Tensor, plan: Plan, sync: tuple[Any, int, bool, bool]
+) -> tuple[Tensor, Tensor]:
+    """The backward's per-group sums (2, G, C): this process's, and the union's over the process group."""
     native = plan.native
     sums = x.new_zeros((2, plan.groups, x.shape[1]))
     if x.numel() > 0:
         native.gradient_sums(native.spec, _ptr(dy), _ptr(x), _ptr(used), _ptr(sums))
     group, fingerprint, verify, _ = sync
     sum_dy, sum_dy_xhat = _sync.reduce_backward(sums[0], sums[1], group, fingerprint, verify)
-    return torch.stack([sum_dy, sum_dy_xhat])
+    return sums, torch.stack([sum_dy, sum_dy_xhat])
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

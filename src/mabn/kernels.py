@@ -413,7 +413,7 @@ def site(
         native_train and nonempty,
         native_backward and nonempty,
         fusable and nonempty and x.dtype in (torch.float32, torch.float64),
-        torch.get_num_threads(),
+        torch.get_num_threads() if eager else 0,  # (traced: the fused step is not taken anyway)
     )
 
 

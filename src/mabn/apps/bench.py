@@ -269,12 +269,15 @@ def ratio_summary(rows: list[dict]) -> list[str]:
 
 @dataclasses.dataclass
 class StepWorkload:
-    """A training step to time: the models of each row, the batch, the loss and the optimizer."""
+    """A training step to time: the models of each row, the batch, the loss and the optimizer.
+
+    ``loss(model, batch)`` runs the model on the batch and returns the scalar to backpropagate.
+    """
 
     name: str
     models: dict[str, Callable[[], nn.Module]]
-    make_batch: Callable[[], tuple[Tensor, Tensor]]
-    loss: Callable[[Tensor, Tensor], Tensor]
+    make_batch: Callable[[], tuple[Any, Any]]
+    loss: Callable[[Callable[..., Any], tuple[Any, Any]], Tensor]
     optimizer: dict[str, float]
 
 
@@ -282,16 +285,16 @@ class StepWorkload:
 STEP_ROWS = ("BN(2)", "MABN(2)+WC", "MABN(2), no WC", "GN")
 
 
-def segmentation_step() -> StepWorkload:
-    """The segmentation grid's model, batch 2: fpn_resnet_small at 96 px, 11 classes, its SGD."""
-    from ..models import build_model
-    from .grids import SEGMENTATION_PROTOCOL, grid_runs
-    from .scenes import SCENE_CLASSES
-    from .train.config import check_config, model_config
-    from .train.evaluate import task_loss
+def _grid_models(grid_name: str, protocol: dict[str, Any], num_classes: int) -> dict[str, Callable[[], nn.Module]]:
+    """The rows of ``STEP_ROWS`` as the grid ``grid_name`` builds them, at 2 images per device.
 
-    protocol = {**SEGMENTATION_PROTOCOL, "batch_size": 2}
-    grid = {run.label: run for run in grid_runs("segmentation")}
+    Exactly what ``mabn train`` builds for each row: the scenes are 1-channel images.
+    """
+    from ..models import build_model
+    from .grids import grid_runs
+    from .train.config import check_config, model_config
+
+    grid = {run.label: run for run in grid_runs(grid_name)}
     runs = {
         "BN(2)": grid["BN(2)"],  # at batch 2: torch's BatchNorm2d (the grid's rule for B = the batch)
         "MABN(2)+WC": grid["MABN(2)"],
@@ -300,16 +303,66 @@ def segmentation_step() -> StepWorkload:
     }
 
     def builder(run: Any) -> Callable[[], nn.Module]:
-        # Exactly what ``mabn train`` builds for the row: fashion-scenes are 1-channel, 11 classes.
         config = check_config(run.config(protocol, 0, Path("unused")))
-        return lambda: build_model(model_config(config, len(SCENE_CLASSES), 1))
+        return lambda: build_model(model_config(config, num_classes, 1))
 
-    size = protocol["image_size"]
+    return {label: builder(run) for label, run in runs.items()}
+
+
+def _classification_loss(model: Callable[..., Any], batch: tuple[Any, Any]) -> Tensor:
+    from .train.evaluate import task_loss
+
+    x, target = batch
+    return task_loss(model(x), target)
+
+
+def segmentation_step() -> StepWorkload:
+    """The segmentation grid's model, batch 2: fpn_resnet_small at 96 px, 11 classes, its SGD."""
+    from .grids import SEGMENTATION_PROTOCOL
+    from .scenes import SCENE_CLASSES
+
+    protocol = {**SEGMENTATION_PROTOCOL, "batch_size": 2}
+    size, classes = protocol["image_size"], len(SCENE_CLASSES)
     return StepWorkload(
         f"segmentation ({protocol['arch']}, {size} px, batch 2)",
-        {label: builder(run) for label, run in runs.items()},
-        lambda: (torch.randn(2, 1, size, size), torch.randint(0, len(SCENE_CLASSES), (2, size, size))),
-        task_loss,
+        _grid_models("segmentation", protocol, classes),
+        lambda: (torch.randn(2, 1, size, size), torch.randint(0, classes, (2, size, size))),
+        _classification_loss,
+        {"lr": protocol["lr"], "momentum": 0.9, "weight_decay": protocol["weight_decay"]},
+    )
+
+
+def _scene_targets(size: int, classes: int) -> list[dict[str, Tensor]]:
+    """Two images' detection targets: three boxes each, of random classes, inside the canvas."""
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(2):
+        corners = torch.randint(0, size // 2, (3, 2), generator=generator).float()
+        sides = torch.randint(12, size // 2, (3, 2), generator=generator).float()
+        boxes = torch.cat([corners, corners + sides], dim=1)
+        labels = torch.randint(1, classes, (3,), generator=generator)
+        targets.append({"boxes": boxes, "labels": labels})
+    return targets
+
+
+def _detection_loss(model: Callable[..., Any], batch: tuple[Any, Any]) -> Tensor:
+    x, targets = batch
+    losses = model(list(x), targets)
+    return torch.stack(list(losses.values())).sum()
+
+
+def detection_step() -> StepWorkload:
+    """The detection grid's model, batch 2: FCOS on the small ResNet with its pyramid, 96 px scenes."""
+    from .grids import DETECTION_PROTOCOL
+    from .scenes import SCENE_CLASSES
+
+    protocol = {**DETECTION_PROTOCOL, "batch_size": 2}
+    size, classes = protocol["image_size"], len(SCENE_CLASSES)
+    return StepWorkload(
+        f"detection ({protocol['arch']}, {size} px, batch 2)",
+        _grid_models("detection", protocol, classes),
+        lambda: (torch.rand(2, 1, size, size), _scene_targets(size, classes)),
+        _detection_loss,
         {"lr": protocol["lr"], "momentum": 0.9, "weight_decay": protocol["weight_decay"]},
     )
 
@@ -328,25 +381,29 @@ def resnet50_step(image_size: int = 224) -> StepWorkload:
         f"ResNet-50 ({image_size} px, batch 2)",
         {label: (lambda kw=kw: resnet50(**kw)) for label, kw in kwargs.items()},
         lambda: (torch.randn(2, 3, image_size, image_size), torch.randint(0, 1000, (2,))),
-        nn.functional.cross_entropy,
+        _classification_loss,
         {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
     )
 
 
+#: ``bench step --workloads``: name -> workload.
+STEP_WORKLOADS: dict[str, Callable[[], StepWorkload]] = {
+    "segmentation": segmentation_step,
+    "detection": detection_step,
+    "resnet50-160": lambda: resnet50_step(160),
+    "resnet50-224": lambda: resnet50_step(224),
+}
+
+
 def training_step(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss: Callable[[Tensor, Tensor], Tensor],
-    optimizer: dict,
-    compile: bool,
+    model: nn.Module, batch: tuple[Any, Any], loss: Callable[..., Tensor], optimizer: dict, compile: bool
 ) -> Callable[[], None]:
     """One SGD training step of ``model`` on ``batch`` (the model compiled with ``torch.compile`` on request)."""
     opt = torch.optim.SGD(model.parameters(), **optimizer)
     run_model = torch.compile(model) if compile else model
-    x, target = batch
 
     def step() -> None:
-        value = loss(run_model(x), target)
+        value = loss(run_model, batch)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -362,21 +419,27 @@ def _compiled_graphs() -> int:
 
 
 def bench_step(workloads: list[str], repeats: int, compile: bool) -> list[dict]:
-    """Training steps at 2 images per device: each row's time over BN(2)'s, eager and compiled."""
-    builders = {"segmentation": segmentation_step, "resnet50": resnet50_step}
+    """Training steps at 2 images per device: each row's time over BN(2)'s, eager and compiled.
+
+    Each row also records its first step's time (the model's first call: the layers' plans and
+    tables, and, compiled, the compilation), relative to BN(2)'s first step.
+    """
     rows = []
     for key in workloads:
-        workload = builders[key]()
+        workload = STEP_WORKLOADS[key]()
         for mode in ["eager"] + (["compiled"] if compile else []):
             torch.manual_seed(0)
             batch = workload.make_batch()
-            variants = {}
+            variants, first = {}, {}
             for label, build in workload.models.items():
                 model = set_past_warmup(build().train())
                 variants[label] = training_step(model, batch, workload.loss, workload.optimizer, mode == "compiled")
+                start = time.perf_counter()
+                variants[label]()
+                first[label] = time.perf_counter() - start
             # Compiled: the first calls compile (forward and backward graphs); 3 calls also pass the warm-ups.
             for fn in variants.values():
-                for _ in range(3):
+                for _ in range(2):
                     fn()
             graphs = _compiled_graphs()
             medians = _median_times(variants, repeats, warmup=0)
@@ -386,16 +449,19 @@ def bench_step(workloads: list[str], repeats: int, compile: bool) -> list[dict]:
             bn = medians[STEP_ROWS[0]]
             row: dict[str, Any] = {"workload": workload.name, "mode": mode, "bn_s": bn, "recompiled": recompiled}
             row.update({label: t / bn for label, t in medians.items() if label != STEP_ROWS[0]})
+            row["first_s"] = first
             rows.append(row)
             ratios = ", ".join(f"{label} {v:.2f}x" for label, v in row.items() if label in STEP_ROWS)
+            firsts = ", ".join(f"{label} {t:.2f} s" for label, t in first.items())
             print(f"{workload.name:>40s} {mode:>8s}: BN(2) {bn * 1e3:8.1f} ms/step | {ratios}", flush=True)
+            print(f"{'':>40s} {'':>8s}  first step: {firsts}", flush=True)
             del variants
             gc.collect()
     return rows
 
 
 def step_markdown(rows: list[dict]) -> str:
-    """The table of :func:`bench_step` rows: workload, mode, BN(2) ms/step, then ratios to it."""
+    """The tables of :func:`bench_step` rows: the steps' times over BN(2)'s, then the first steps' times."""
     columns = [label for label in STEP_ROWS[1:] if rows and label in rows[0]]
     lines = [
         "| workload | mode | BN(2) ms/step | " + " | ".join(f"{c} / BN(2)" for c in columns) + " |",
@@ -405,6 +471,18 @@ def step_markdown(rows: list[dict]) -> str:
         mode = row["mode"] + (f" ({row['recompiled']} graphs compiled while timed)" if row.get("recompiled") else "")
         cells = [row["workload"], mode, f"{row['bn_s'] * 1e3:.1f}", *(f"{row[c]:.2f}" for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "First step of each model (seconds; the layers' plans and tables, and compiled, the compilation):",
+        "",
+        "| workload | mode | " + " | ".join(STEP_ROWS) + " |",
+        "|---|---|" + "---:|" * len(STEP_ROWS),
+    ]
+    for row in rows:
+        first = row.get("first_s", {})
+        lines.append(
+            f"| {row['workload']} | {row['mode']} | " + " | ".join(f"{first.get(c, 0.0):.2f}" for c in STEP_ROWS) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -554,9 +632,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workloads",
-        default="segmentation,resnet50",
+        default=",".join(STEP_WORKLOADS),
         metavar="NAME,...",
-        help="step: segmentation (the segmentation grid's model, 96 px) and/or resnet50 (224 px); default: both",
+        help="step: segmentation and detection (the grids' models at 96 px), resnet50-160, resnet50-224; default: all",
     )
     parser.add_argument("--batch", type=int, default=16, help="model: batch size (default 16)")
     parser.add_argument("--image-size", type=int, default=112, help="model: image size (default 112)")
@@ -584,9 +662,9 @@ def _parse_batches(text: str) -> list[int]:
 
 def _parse_workloads(text: str) -> list[str]:
     names = [item.strip() for item in text.split(",")]
-    unknown = [name for name in names if name not in ("segmentation", "resnet50")]
+    unknown = [name for name in names if name not in STEP_WORKLOADS]
     if unknown or not names:
-        raise ValueError(f"--workloads takes segmentation and/or resnet50, got {text!r}")
+        raise ValueError(f"--workloads takes {', '.join(STEP_WORKLOADS)} (comma-separated), got {text!r}")
     return names
 
 
@@ -598,7 +676,7 @@ def _command(args: argparse.Namespace) -> str:
     if "small" in args.what:
         words += ["--shapes", args.shapes] if args.shapes is not None else []
         words += ["--batches", args.batches] if _parse_batches(args.batches) != list(SMALL_BATCHES) else []
-    if "step" in args.what and args.workloads != "segmentation,resnet50":
+    if "step" in args.what and args.workloads != ",".join(STEP_WORKLOADS):
         words += ["--workloads", args.workloads]
     if args.no_compile:
         words.append("--no-compile")
