@@ -211,6 +211,23 @@ def test_torch_compile_fullgraph_matches_eager(make_norm):
         assert_close(compiled_module.state_dict()[k], v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["mabn", "brn", "bn"])
+def test_torch_compile_compiles_once_across_the_warm_ups_and_sizes(preset):
+    # No guard on the layer's counters, caches or settings: the warm-ups, a full window and other input
+    # sizes (dynamic) reuse the first graph. (Another number of groups is another table: a new graph.)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = mabn.GeneralBatchNorm2d.from_preset(preset, 8, window=2, warmup_iters=2, renorm_warmup_iters=3)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for step in range(6):
+        x = torch.randn(2 + step % 3, 8, 5 + step % 2, 7, requires_grad=True)
+        compiled(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ----------------------------------------------------------------------------------------- errors
 
 

@@ -172,12 +172,12 @@ _BOUNDS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
 
 def _bounds_tensor(bounds: tuple[int, ...], device: torch.device) -> Tensor:
+    if torch.compiler.is_compiling():  # a constant of the graph; the cache is not read (see _stream.cached)
+        return torch.tensor(bounds, dtype=torch.long, device=device)
     key = (bounds, device)
     t = _BOUNDS.get(key)
     if t is None:
-        t = torch.tensor(bounds, dtype=torch.long, device=device)
-        if not torch.compiler.is_compiling():
-            _BOUNDS[key] = t
+        t = _BOUNDS[key] = torch.tensor(bounds, dtype=torch.long, device=device)
     return t
 
 

@@ -9,7 +9,7 @@ each direction in two native calls around their one all-reduce.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from . import _sync
 from ._control import HostControl
 from ._plan import Plan
 from ._step import Used, check_group_size
+
+if TYPE_CHECKING:  # the engine's entry imports this module
+    from .functional import NormState
 
 __all__ = ["FusedFunction", "FusedCall", "used_view"]
 
@@ -42,7 +45,9 @@ def used_view(used: Tensor, plan: Plan) -> Used:
     )
 
 
-def _reduced_statistics(x: Tensor, state: Any, plan: Plan, sync: tuple[Any, int, bool, bool]) -> tuple[Tensor, Tensor]:
+def _reduced_statistics(
+    x: Tensor, state: NormState, plan: Plan, sync: tuple[Any, int, bool, bool]
+) -> tuple[Tensor, Tensor]:
     """The union's statistics (G, k, C) over the process group, and its values per channel in a group."""
     native, config = plan.native, plan.config
     groups, k, c = plan.groups, config.num_forward_stats, x.shape[1]
@@ -65,7 +70,9 @@ def _reduced_statistics(x: Tensor, state: Any, plan: Plan, sync: tuple[Any, int,
     return reduced.contiguous(), numel
 
 
-def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, state: Any, plan: Plan, call: FusedCall) -> tuple:
+def _forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, state: NormState, plan: Plan, call: FusedCall
+) -> tuple:
     """Statistics, normalization and buffer writes of a training call; returns (y, used, last)."""
     config, native = plan.config, plan.native
     stats, numel = None, plan.numel
@@ -135,6 +142,8 @@ class FusedFunction(torch.autograd.Function):
         plan: Plan = ctx.plan
         state, native, config = ctx.state, plan.native, plan.config
         numel, last = ctx.step
+        if dy is None:  # (gradients are not materialized for the statistics output; nor, here, for y)
+            dy = torch.zeros_like(x)
         if dy.stride() != x.stride():
             dy = dy.contiguous(memory_format=_memory_format(x))
         sums = local = None

@@ -11,7 +11,7 @@ which phase of the warm-ups) go through the plan's control (:mod:`mabn._control`
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from ._control import Flag
 from ._plan import Plan
 from ._stream import constant
 from .config import NormConfig
+
+if TYPE_CHECKING:  # the engine's entry imports this module
+    from .functional import NormState
 
 __all__ = [
     "Used",
@@ -80,7 +83,7 @@ def check_group_size(numel: int | Tensor, local_numel: int, config: NormConfig, 
         )
 
 
-def forward_step(batch: Tensor, state: Any, plan: Plan, call: Call) -> Forward:
+def forward_step(batch: Tensor, state: NormState, plan: Plan, call: Call) -> Forward:
     """The statistics of a call from its groups' statistics ``batch`` (G, k, C), and its buffer writes."""
     config, ctl, layout = plan.config, plan.control, plan.layout
     groups, k, c = batch.shape
@@ -110,7 +113,7 @@ def forward_step(batch: Tensor, state: Any, plan: Plan, call: Call) -> Forward:
     return Forward(_used(out, plan), updates, increments)
 
 
-def _rows(batch: Tensor, state: Any, running: list[Tensor], plan: Plan) -> Tensor:
+def _rows(batch: Tensor, state: NormState, running: list[Tensor], plan: Plan) -> Tensor:
     """The rows ``[window; new statistics; running statistics; ones]`` of the forward product."""
     groups, k, c = batch.shape
     parts = [
@@ -134,7 +137,7 @@ def _unbias(targets: Tensor, numel: int | Tensor) -> None:
     targets[-1].mul_(n / (n - 1))
 
 
-def _ema_weight(state: Any, config: Any, dtype: torch.dtype) -> float | Tensor:
+def _ema_weight(state: NormState, config: NormConfig, dtype: torch.dtype) -> float | Tensor:
     """The weight of the new value in the running statistics: ``momentum``, or 1 / count (cumulative)."""
     if config.momentum is not None:
         return config.momentum
@@ -142,7 +145,7 @@ def _ema_weight(state: Any, config: Any, dtype: torch.dtype) -> float | Tensor:
 
 
 def _accumulate(
-    out: Tensor, old_running: Tensor, state: Any, plan: Plan, call: Call
+    out: Tensor, old_running: Tensor, state: NormState, plan: Plan, call: Call
 ) -> tuple[Flag, Flag, list[tuple[Tensor, Tensor, Flag]]]:
     """With ``accumulate = K``: sum the targets of the step's finite calls, move the running statistics once.
 
@@ -198,7 +201,7 @@ def commit(forward: Forward, plan: Plan) -> None:
 # ---- backward ----------------------------------------------------------------------------------
 
 
-def backward_stream(state: Any, plan: Plan, call: Call, stats: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+def backward_stream(state: NormState, plan: Plan, call: Call, stats: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
     """Push a backward's statistics (statistic-major, (k * G, C)) into the backward window.
 
     Returns the statistics to use (their moving averages) and what a second backward pass through
@@ -221,7 +224,7 @@ def backward_stream(state: Any, plan: Plan, call: Call, stats: Tensor) -> tuple[
     return used, (coefficients, ok, window._version)
 
 
-def _counted(state: Any, plan: Plan, call: Call, ok: Flag) -> Flag:
+def _counted(state: NormState, plan: Plan, call: Call, ok: Flag) -> Flag:
     """Whether this backward advances the backward call count: every finite one, or with accumulation
     the last of a step in which any backward was finite (in whatever order the finite ones came)."""
     if call.last is None:
@@ -234,7 +237,9 @@ def _counted(state: Any, plan: Plan, call: Call, ok: Flag) -> Flag:
     return ctl.both(call.last, any_finite)
 
 
-def repeat_backward(state: Any, plan: Plan, first: tuple[Any, ...], stats: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+def repeat_backward(
+    state: NormState, plan: Plan, first: tuple[Any, ...], stats: Tensor
+) -> tuple[Tensor, tuple[Any, ...]]:
     """A second backward pass through the same call (``retain_graph=True``): it pushes nothing.
 
     It uses the linear part of the moving average (its own statistics over the count the first pass

@@ -44,10 +44,12 @@ _CACHE_LOCK = threading.Lock()
 
 def cached(key: tuple[Any, ...], build: Callable[[], T]) -> T:
     """The read-only value under ``key``, built by ``build()`` on first use (thread-safe; under
-    ``torch.compile`` a missing value is built in the graph instead)."""
+    ``torch.compile`` it is built in the graph instead)."""
+    if torch.compiler.is_compiling():
+        # Traced into the graph as a constant. The cache is not even read: the compiler would guard
+        # on its contents, and another trace (the backward's) filling it would force a recompile.
+        return build()
     value = _CACHE.get(key)
-    if value is None and torch.compiler.is_compiling():
-        return build()  # traced into the graph as a constant; the eager calls fill the cache
     if value is None:
         with _CACHE_LOCK:
             value = _CACHE.get(key)
@@ -253,7 +255,7 @@ def window_means(window: Tensor, steps: Tensor, new: Tensor) -> tuple[Tensor, Te
     Example::
 
         >>> import torch
-        >>> from mabn._stream import window_means
+        >>> from mabn.functional import window_means
         >>> window = torch.zeros(3, 1, 2)
         >>> means, after = window_means(window, torch.tensor(0), torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]]))
         >>> means[:, 0].tolist(), after[:, 0].tolist()

@@ -86,21 +86,10 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    r"""Frozen BatchNorm over 2-D or 3-D input: fixed statistics and affine parameters.
+    r"""Frozen BatchNorm over 2-D or 3-D input: :class:`FrozenBatchNorm2d` for sequences and feature vectors.
 
-    .. math::
-        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
-
-    per channel, with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean``
-    (:math:`\mu`) and ``running_var`` (:math:`\sigma^2`) all buffers, in training as in evaluation:
-    nothing is learned and no statistic is updated. The frozen form of :class:`torch.nn.BatchNorm1d`;
-    ``mabn.convert_model(model, "frozen_bn")`` freezes a model's norm layers into it.
-
-    Args:
-        num_features: number of channels C.
-        eps: added to the variance. Default: ``1e-5``.
-        device: device of the buffers. Default: ``None`` (torch's default device).
-        dtype: dtype of the buffers. Default: ``None`` (torch's default dtype).
+    The frozen form of :class:`torch.nn.BatchNorm1d`: fixed statistics and affine parameters, all
+    buffers; arguments and map as :class:`FrozenBatchNorm2d`.
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)`.
@@ -161,21 +150,10 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    r"""Frozen BatchNorm over 5-D input: fixed statistics and affine parameters.
+    r"""Frozen BatchNorm over 5-D input: :class:`FrozenBatchNorm2d` for volumes and video.
 
-    .. math::
-        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
-
-    per channel, with ``weight`` (:math:`\gamma`), ``bias`` (:math:`\beta`), ``running_mean``
-    (:math:`\mu`) and ``running_var`` (:math:`\sigma^2`) all buffers, in training as in evaluation:
-    nothing is learned and no statistic is updated. The frozen form of :class:`torch.nn.BatchNorm3d`;
-    ``mabn.convert_model(model, "frozen_bn")`` freezes a model's norm layers into it.
-
-    Args:
-        num_features: number of channels C.
-        eps: added to the variance. Default: ``1e-5``.
-        device: device of the buffers. Default: ``None`` (torch's default device).
-        dtype: dtype of the buffers. Default: ``None`` (torch's default dtype).
+    The frozen form of :class:`torch.nn.BatchNorm3d`: fixed statistics and affine parameters, all
+    buffers; arguments and map as :class:`FrozenBatchNorm2d`.
 
     Shape:
         - Input: :math:`(N, C, D, H, W)`.

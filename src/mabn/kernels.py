@@ -368,14 +368,20 @@ class Paths:
     step: str
 
 
-_local = threading.local()
+class _ThreadSettings(threading.local):
+    """What :func:`use_paths` has set, per thread; every thread starts from the defaults."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {"cpu_specific": True, "forced": {}}
+
+
+# Every attribute exists from the start in every thread: a compiled caller sees the same attributes
+# on every call (reading one that may be missing would make torch.compile guard on its absence).
+_local = _ThreadSettings()
 
 
 def _settings() -> dict[str, Any]:
-    settings = getattr(_local, "settings", None)
-    if settings is None:
-        settings = _local.settings = {"cpu_specific": True, "forced": {}}
-    return settings
+    return _local.settings
 
 
 def _layout(x: Tensor) -> str:

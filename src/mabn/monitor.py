@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._checks import check_int
 from .functional import window_means
+from .kernels import group_dims, group_view, per_group_channel
 from .modules import StreamNorm
 
 __all__ = ["BatchStatsMonitor", "log_format", "read_stats_log", "write_stats_csv", "write_stats_jsonl"]
@@ -67,17 +68,19 @@ def _is_supported(module: nn.Module) -> bool:
     return isinstance(module, (StreamNorm, _BatchNorm))
 
 
-def _reduce_dims(ndim: int, grouped: bool) -> list[int]:
-    """Dimensions to average over for per-channel statistics of (G, B, C, *) or (N, C, *)."""
-    channel = 2 if grouped else 1
-    return [d for d in range(ndim) if d != channel and not (grouped and d == 0)]
+def _moments(xv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-(group, channel) mean, biased variance and second moment of a (G, B, C, *) view, each (G, C)."""
+    dims = group_dims(xv.dim())
+    var, mu = torch.var_mean(xv, dim=dims, correction=0)
+    return mu, var, (xv * xv).mean(dim=dims)
 
 
-def _broadcast(v: Tensor, ndim: int, grouped: bool) -> Tensor:
-    """(G, C) against (G, B, C, *), or (C,) against (N, C, *)."""
-    if grouped:
-        return v.view(v.shape[0], 1, v.shape[1], *([1] * (ndim - 3)))
-    return v.view(1, v.shape[0], *([1] * (ndim - 2)))
+def _backward_stats(hv: Tensor, xv: Tensor, mean: Tensor | None, var: Tensor, eps: float) -> dict[str, Tensor]:
+    """g and Psi of each group of (G, B, C, *) views, (G, C) each; ``mean`` None: the uncentered form."""
+    nd, dims = xv.dim(), group_dims(xv.dim())
+    centered = xv if mean is None else xv - per_group_channel(mean, nd)
+    z = centered * per_group_channel(torch.rsqrt(var + eps), nd)
+    return {"g": hv.mean(dim=dims), "psi": (hv * z).mean(dim=dims)}
 
 
 def _window_sma(
@@ -328,12 +331,9 @@ class BatchStatsMonitor:
         if n == 0 or n % b:
             return  # the layer itself raises for this input
         groups = n // b
-        xv = x.unflatten(0, (groups, b))
-        dims_s, dims_r = _reduce_dims(xv.dim(), True), _reduce_dims(x.dim(), False)
-        var, mu = torch.var_mean(xv, dim=dims_s, correction=0)
-        chi2 = (xv * xv).mean(dim=dims_s)
-        var_r, mu_r = torch.var_mean(x, dim=dims_r, correction=0)
-        chi2_r = (x * x).mean(dim=dims_r)
+        # The groups' statistics, and the whole batch's (one group: "regular").
+        mu, var, chi2 = _moments(group_view(x, groups))
+        mu_r, var_r, chi2_r = (t[0] for t in _moments(group_view(x, 1)))
 
         sma: dict[str, Tensor] = {}
         used = None
@@ -402,18 +402,15 @@ class BatchStatsMonitor:
         x = p.x
         h = dy.detach().to(x.dtype)
         if p.gamma is not None:
-            h = h * _broadcast(p.gamma, h.dim(), False)
+            h = h * per_group_channel(p.gamma.unsqueeze(0), h.dim() + 1)[0]
         groups = p.groups
-        xv, hv = x.unflatten(0, (groups, x.shape[0] // groups)), h.unflatten(0, (groups, x.shape[0] // groups))
-        dims_s, dims_r = _reduce_dims(xv.dim(), True), _reduce_dims(x.dim(), False)
         if p.centered:
-            z = (xv - _broadcast(p.mu, xv.dim(), True)) * _broadcast(torch.rsqrt(p.var + p.eps), xv.dim(), True)
-            z_r = (x - _broadcast(p.mu_r, x.dim(), False)) * _broadcast(torch.rsqrt(p.var_r + p.eps), x.dim(), False)
+            small = _backward_stats(group_view(h, groups), group_view(x, groups), p.mu, p.var, p.eps)
+            whole = _backward_stats(group_view(h, 1), group_view(x, 1), p.mu_r[None], p.var_r[None], p.eps)
         else:
-            z = xv * _broadcast(torch.rsqrt(p.chi2 + p.eps), xv.dim(), True)
-            z_r = x * _broadcast(torch.rsqrt(p.chi2_r + p.eps), x.dim(), False)
-        small = {"g": hv.mean(dim=dims_s), "psi": (hv * z).mean(dim=dims_s)}
-        regular = {"g": h.mean(dim=dims_r), "psi": (h * z_r).mean(dim=dims_r)}
+            small = _backward_stats(group_view(h, groups), group_view(x, groups), None, p.chi2, p.eps)
+            whole = _backward_stats(group_view(h, 1), group_view(x, 1), None, p.chi2_r[None], p.eps)
+        regular = {k: v[0] for k, v in whole.items()}
 
         sma: dict[str, Tensor] = {}
         used = None

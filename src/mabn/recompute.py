@@ -24,16 +24,21 @@ import torch
 
 __all__ = ["checkpoint", "checkpoint_context"]
 
+
 # The open recording and replaying contexts, innermost last. Per thread: a checkpointed segment is
 # recomputed in the thread that runs its backward, and its layers run in that same thread.
-_local = threading.local()
+class _ThreadFrames(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[_Frame] = []
+
+
+# Every thread starts with an empty list: the attribute always exists, so a compiled caller reads the
+# same thing on every call (see mabn.kernels).
+_local = _ThreadFrames()
 
 
 def _frames() -> list[_Frame]:
-    frames = getattr(_local, "frames", None)
-    if frames is None:
-        frames = _local.frames = []
-    return frames
+    return _local.frames
 
 
 class _Store:

@@ -165,12 +165,25 @@ class DataSource:
 
 class InMemorySource(DataSource):
     """A source whose splits are tensors in memory: ``train_images``/``test_images`` (N, C, H, W)
-    uint8 and the targets ``train_targets``/``test_targets``, normalized with ``mean`` and ``std``."""
+    uint8 and the targets ``train_targets``/``test_targets``, normalized with ``mean`` and ``std``.
 
-    train_images: Tensor
-    test_images: Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    Subclasses check their splits, hand the images to this constructor and keep their targets.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train_images: Tensor,
+        test_images: Tensor,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        self.name = name
+        self.train_images, self.test_images = train_images, test_images
+        self.num_classes = num_classes
+        self.in_channels = train_images.shape[1]
+        self.mean, self.std = tuple(mean), tuple(std)
 
     @property
     def num_train(self) -> int:
@@ -223,12 +236,8 @@ class TensorImageSource(InMemorySource):
                     f"{name} {split}: expected images (N, C, H, W) and labels (N,), got "
                     f"{tuple(images.shape)} and {tuple(labels.shape)}"
                 )
-        self.name = name
-        self.train_images, self.train_labels = train
-        self.test_images, self.test_labels = test
-        self.num_classes = num_classes
-        self.in_channels = self.train_images.shape[1]
-        self.mean, self.std = tuple(mean), tuple(std)
+        super().__init__(name, train[0], test[0], num_classes, mean, std)
+        self.train_labels, self.test_labels = train[1], test[1]
         self.padding, self.flip = padding, flip
 
     def train_batches(self, batches: Tensor, seed: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

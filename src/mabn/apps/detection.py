@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InMemorySource, normalize
 from .files import pyplot, save_figure
-from .scenes import FASHION_MNIST_CLASSES, PALETTE, SCENE_CLASSES, Scenes, scene_splits
+from .scenes import FASHION_MNIST_CLASSES, PALETTE, SCENE_CLASSES, Scenes, scene_figure_parser, scene_splits
 
 __all__ = [
     "MIN_VISIBLE",
@@ -170,12 +170,9 @@ class DetectionTensorSource(InMemorySource):
                 raise ValueError(f"{name} {split}: targets of {targets.boxes.shape[0]} scenes for {n} images")
             if targets.labels.numel() and (int(targets.labels.min()) < 0 or int(targets.labels.max()) >= num_classes):
                 raise ValueError(f"{name} {split}: labels must lie in [0, {num_classes}) (0 = no target)")
-        self.name = name
-        self.train_images, self.train_instances, self.train_objects = train
-        self.test_images, self.test_instances, self.test_objects = test
-        self.num_classes = num_classes
-        self.in_channels = self.train_images.shape[1]
-        self.mean, self.std = tuple(mean), tuple(std)
+        super().__init__(name, train[0], test[0], num_classes, mean, std)
+        _, self.train_instances, self.train_objects = train
+        _, self.test_instances, self.test_objects = test
         self.masks, self.flip = masks, flip
         self._coco: Any = None
 
@@ -450,14 +447,7 @@ def ground_truth_rows(source: DetectionTensorSource, n: int) -> tuple[list[dict[
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mabn.apps.detection --plot PNG``: the first test scenes with their boxes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m mabn.apps.detection", description=__doc__.splitlines()[0])
-    parser.add_argument("--plot", required=True, metavar="PNG", help="the figure to write")
-    parser.add_argument("--n", type=int, default=6, help="number of test scenes (default: 6)")
-    parser.add_argument("--canvas", type=int, default=96, help="scene side (default: 96)")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the Debian package's)")
-    args = parser.parse_args(argv)
+    args = scene_figure_parser("python -m mabn.apps.detection", __doc__).parse_args(argv)
     source = DetectionSceneSource(args.data_dir, args.canvas, num_train=1, num_test=args.n)
     targets, ignored = ground_truth_rows(source, args.n)
     title = f"Fashion-MNIST scenes ({args.canvas} px) with their boxes; dashed: ignored (< {MIN_VISIBLE:.0%} visible)"

@@ -21,6 +21,7 @@ images only and test scenes test images only.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "SceneSource",
     "fashion_scenes_source",
     "plot_scenes",
+    "scene_figure_parser",
 ]
 
 #: The ten Fashion-MNIST classes, in label order.
@@ -416,12 +418,8 @@ class SegmentationTensorSource(InMemorySource):
                 )
         if train[0].shape[1] != test[0].shape[1]:
             raise ValueError(f"{name}: train and test images have {train[0].shape[1]} and {test[0].shape[1]} channels")
-        self.name = name
-        self.train_images, self.train_masks = train
-        self.test_images, self.test_masks = test
-        self.num_classes = num_classes
-        self.in_channels = self.train_images.shape[1]
-        self.mean, self.std = tuple(mean), tuple(std)
+        super().__init__(name, train[0], test[0], num_classes, mean, std)
+        self.train_masks, self.test_masks = train[1], test[1]
         self.flip = flip
 
     def train_batches(self, batches: Tensor, seed: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -624,16 +622,22 @@ def plot_scenes(
     return save_figure(fig, path, dpi=110)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mabn.apps.scenes --plot PNG``: draw the first test scenes of the default data set."""
-    import argparse
+def scene_figure_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """``prog --plot PNG [--n N] [--canvas C] [--data-dir DIR]``: a figure of the first test scenes.
 
-    parser = argparse.ArgumentParser(prog="python -m mabn.apps.scenes", description=__doc__.splitlines()[0])
+    ``doc`` is the module's docstring; its first line describes the command.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--plot", required=True, metavar="PNG", help="the figure to write")
     parser.add_argument("--n", type=int, default=6, help="number of test scenes (default: 6)")
     parser.add_argument("--canvas", type=int, default=96, help="scene side (default: 96)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the Debian package's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mabn.apps.scenes --plot PNG``: draw the first test scenes of the default data set."""
+    args = scene_figure_parser("python -m mabn.apps.scenes", __doc__).parse_args(argv)
     # Scenes are prefix-stable, so these are the first test scenes of the full data set.
     source = SceneSource(args.data_dir, args.canvas, num_train=1, num_test=args.n)
     print(plot_scenes(source, args.plot, n=args.n))

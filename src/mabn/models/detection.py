@@ -236,23 +236,6 @@ def _parts(
 ) -> tuple[FeaturePyramid, Callable[..., nn.Module], NormBuilder]:
     """What every detector here is built from: the backbone, and the convolution and norm of its heads."""
     conv, _ = resolve_conv(conv_layer)
-    backbone = _backbone(in_channels, depth, width, stem_stride, fpn_channels, stages, extra_levels, norm_layer,
-                         norm_kwargs, conv_layer)  # fmt: skip
-    return backbone, conv, _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
-
-
-def _backbone(
-    in_channels: int,
-    depth: int,
-    width: int,
-    stem_stride: int,
-    fpn_channels: int | None,
-    stages: Sequence[int],
-    extra_levels: int,
-    norm_layer: NormSpec,
-    norm_kwargs: dict[str, Any],
-    conv_layer: ConvSpec,
-) -> FeaturePyramid:
     depth, width = check_int("depth", depth, 1), check_int("width", width, 1)
     if stem_stride not in _STEMS or isinstance(stem_stride, bool):
         raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride!r}")
@@ -261,7 +244,8 @@ def _backbone(
         norm_layer, norm_kwargs, conv_layer,
     )  # fmt: skip
     channels = 2 * width if fpn_channels is None else check_int("fpn_channels", fpn_channels, 1)
-    return FeaturePyramid(encoder, channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer)
+    backbone = FeaturePyramid(encoder, channels, stages, extra_levels, norm_layer, norm_kwargs, conv_layer)
+    return backbone, conv, _head_norm(norm_layer, norm_kwargs, head_warmup_iters)
 
 
 def _head_norm(norm_layer: NormSpec, norm_kwargs: dict[str, Any], head_warmup_iters: int | None) -> NormBuilder:

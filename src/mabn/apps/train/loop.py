@@ -589,26 +589,23 @@ def _train_epoch(run: _Run, steps: int, show: bool) -> dict[str, Any]:
     }
 
 
+#: The measurements of an epoch's line, in order: each shown when its record holds a value for the key.
+_EPOCH_PARTS = (
+    ("train_loss", "loss {train_loss:.4f}"),
+    ("train_error", "train error {train_error:.2f} %"),
+    ("test_miou", "test mIoU {test_miou:.2f} %  pixel acc {test_pixel_acc:.2f} %"),
+    ("test_miou_folded", "folded mIoU {test_miou_folded:.2f} %"),
+    ("test_box_ap", "test box AP {test_box_ap:.2f} %  AP50 {test_box_ap50:.2f} %"),
+    ("test_mask_ap", "mask AP {test_mask_ap:.2f} %"),
+    ("test_box_ap_folded", "folded box AP {test_box_ap_folded:.2f} %"),
+    ("test_error", "test error {test_error:.2f} %"),
+    ("test_error_folded", "folded {test_error_folded:.2f} %"),
+)
+
+
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}"]
-    if record["train_loss"] is not None:
-        parts.append(f"loss {record['train_loss']:.4f}")
-    if record.get("train_error") is not None:
-        parts.append(f"train error {record['train_error']:.2f} %")
-    if record.get("test_miou") is not None:
-        parts.append(f"test mIoU {record['test_miou']:.2f} %  pixel acc {record['test_pixel_acc']:.2f} %")
-    if record.get("test_miou_folded") is not None:
-        parts.append(f"folded mIoU {record['test_miou_folded']:.2f} %")
-    if record.get("test_box_ap") is not None:
-        parts.append(f"test box AP {record['test_box_ap']:.2f} %  AP50 {record['test_box_ap50']:.2f} %")
-    if record.get("test_mask_ap") is not None:
-        parts.append(f"mask AP {record['test_mask_ap']:.2f} %")
-    if record.get("test_box_ap_folded") is not None:
-        parts.append(f"folded box AP {record['test_box_ap_folded']:.2f} %")
-    if record.get("test_error") is not None:
-        parts.append(f"test error {record['test_error']:.2f} %")
-    if record.get("test_error_folded") is not None:
-        parts.append(f"folded {record['test_error_folded']:.2f} %")
+    parts += [text.format_map(record) for key, text in _EPOCH_PARTS if record.get(key) is not None]
     if record["diverged"]:
         parts.append("DIVERGED (non-finite loss)")
     rate = record["images_per_s"] or 0.0
