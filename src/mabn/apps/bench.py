@@ -316,20 +316,31 @@ def _classification_loss(model: Callable[..., Any], batch: tuple[Any, Any]) -> T
     return task_loss(model(x), target)
 
 
+def _scenes_step(
+    grid: str, protocol: dict[str, Any], make_batch: Callable[[int, int], tuple[Any, Any]], loss: Callable[..., Tensor]
+) -> StepWorkload:
+    """A scenes grid's model at 2 images per device, on a batch ``make_batch(size, classes)``, with its SGD."""
+    from .scenes import SCENE_CLASSES
+
+    protocol = {**protocol, "batch_size": 2}
+    size, classes = protocol["image_size"], len(SCENE_CLASSES)
+    return StepWorkload(
+        f"{grid} ({protocol['arch']}, {size} px, batch 2)",
+        _grid_models(grid, protocol, classes),
+        lambda: make_batch(size, classes),
+        loss,
+        {"lr": protocol["lr"], "momentum": 0.9, "weight_decay": protocol["weight_decay"]},
+    )
+
+
 def segmentation_step() -> StepWorkload:
     """The segmentation grid's model, batch 2: fpn_resnet_small at 96 px, 11 classes, its SGD."""
     from .grids import SEGMENTATION_PROTOCOL
-    from .scenes import SCENE_CLASSES
 
-    protocol = {**SEGMENTATION_PROTOCOL, "batch_size": 2}
-    size, classes = protocol["image_size"], len(SCENE_CLASSES)
-    return StepWorkload(
-        f"segmentation ({protocol['arch']}, {size} px, batch 2)",
-        _grid_models("segmentation", protocol, classes),
-        lambda: (torch.randn(2, 1, size, size), torch.randint(0, classes, (2, size, size))),
-        _classification_loss,
-        {"lr": protocol["lr"], "momentum": 0.9, "weight_decay": protocol["weight_decay"]},
-    )
+    def batch(size: int, classes: int) -> tuple[Tensor, Tensor]:
+        return torch.randn(2, 1, size, size), torch.randint(0, classes, (2, size, size))
+
+    return _scenes_step("segmentation", SEGMENTATION_PROTOCOL, batch, _classification_loss)
 
 
 def _scene_targets(size: int, classes: int) -> list[dict[str, Tensor]]:
@@ -354,17 +365,11 @@ def _detection_loss(model: Callable[..., Any], batch: tuple[Any, Any]) -> Tensor
 def detection_step() -> StepWorkload:
     """The detection grid's model, batch 2: FCOS on the small ResNet with its pyramid, 96 px scenes."""
     from .grids import DETECTION_PROTOCOL
-    from .scenes import SCENE_CLASSES
 
-    protocol = {**DETECTION_PROTOCOL, "batch_size": 2}
-    size, classes = protocol["image_size"], len(SCENE_CLASSES)
-    return StepWorkload(
-        f"detection ({protocol['arch']}, {size} px, batch 2)",
-        _grid_models("detection", protocol, classes),
-        lambda: (torch.rand(2, 1, size, size), _scene_targets(size, classes)),
-        _detection_loss,
-        {"lr": protocol["lr"], "momentum": 0.9, "weight_decay": protocol["weight_decay"]},
-    )
+    def batch(size: int, classes: int) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        return torch.rand(2, 1, size, size), _scene_targets(size, classes)
+
+    return _scenes_step("detection", DETECTION_PROTOCOL, batch, _detection_loss)
 
 
 def resnet50_step(image_size: int = 224) -> StepWorkload:
