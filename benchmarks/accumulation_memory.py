@@ -6,16 +6,14 @@ training step (forward, backward, SGD step) in a fresh process and reports:
 
 * saved activations: the largest total of the storages autograd saves for backward during one
   forward (``torch.autograd.graph.saved_tensors_hooks``; each storage once, parameters left out):
-  exact, and the same on any device (a centralized weight that a WC layer keeps for backward counts:
-  it is computed in each forward);
+  exact, and the same on any device (the centralized weights the WC layers keep, one copy computed
+  once per change of the weights and used by every forward and backward until the next, count);
 * peak memory: the process's peak resident memory during the step minus its resident memory just
   before it (model, optimizer and the batch already allocated), from ``/proc/self/status``.
 
-A row "as before" runs the WC layers the way they worked before they stopped keeping their centralized
-weight for backward (the convolution applied to ``centralized_weight()`` through autograd, which saves
-it), so that the saving is measured within one run. A second table isolates what the centralization holds:
-the storages one forward of the model saves for backward, parameters left out and each storage once,
-with plain convolutions, with the WC layers, and with the WC layers as before.
+A row without WC measures, within the same run, what the WC layers' copy of their centralized weights
+holds. A second table isolates it: the storages one forward of the model saves for backward,
+parameters left out and each storage once, with plain convolutions and with the WC layers.
 
     python benchmarks/accumulation_memory.py            # 224 px
     python benchmarks/accumulation_memory.py --quick    # 64 px: checks that it runs
@@ -33,19 +31,18 @@ CONFIGS = {
     "BN, batch 32": {"norm": "bn", "kwargs": {}, "micro": 32},
     "MABN(2)+WC, batch 32": {"norm": "mabn", "kwargs": {"norm_batch_size": 2}, "micro": 32},
     "MABN(2)+WC, 16 x 2 accumulated": {"norm": "mabn", "kwargs": {"norm_batch_size": 2, "accumulate": 16}, "micro": 2},
-    "MABN(2)+WC as before (centralized weights saved), 16 x 2 accumulated": {
+    "MABN(2), no WC, 16 x 2 accumulated": {
         "norm": "mabn",
         "kwargs": {"norm_batch_size": 2, "accumulate": 16},
         "micro": 2,
-        "previous_wc": True,
+        "conv": None,
     },
 }
 
-#: The convolutions of the centralization table: (label, conv_layer, WC as before).
+#: The convolutions of the centralization table: label -> conv_layer.
 CENTRALIZATION = {
-    "Conv2d (no WC)": (None, False),
-    "CenConv2d (WC: the raw weight saved, centered again in backward)": ("centralized", False),
-    "CenConv2d as before (WC: the centralized weight saved)": ("centralized", True),
+    "Conv2d (no WC)": None,
+    "CenConv2d (WC: its centralized weight, one copy, used forward and backward)": "centralized",
 }
 
 
@@ -57,28 +54,6 @@ def _status(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def _previous_wc(model):
-    """Make the model's WC layers apply their centralized weight through autograd, as they did before."""
-    import types
-
-    import torch.nn.functional as F
-
-    import mabn
-
-    def conv_forward(self, input):
-        return self._conv_forward(input, self.centralized_weight(), self.bias)
-
-    def linear_forward(self, input):
-        return F.linear(input, self.centralized_weight(), self.bias)
-
-    for m in model.modules():
-        if isinstance(m, mabn.CenLinear):
-            m.forward = types.MethodType(linear_forward, m)
-        elif mabn.conv.is_centralized(m):
-            m.forward = types.MethodType(conv_forward, m)
-    return model
-
-
 def child(name: str, size: int) -> dict:
     import torch
 
@@ -87,10 +62,8 @@ def child(name: str, size: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     spec = CONFIGS[name]
-    conv = "centralized" if spec["norm"] == "mabn" else None
+    conv = spec.get("conv", "centralized" if spec["norm"] == "mabn" else None)
     model = mabn.models.resnet50(num_classes=1000, norm_layer=spec["norm"], conv_layer=conv, **spec["kwargs"])
-    if spec.get("previous_wc"):
-        _previous_wc(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(32, 3, size, size), torch.randint(0, 1000, (32,))
     saved = [0]
@@ -132,10 +105,8 @@ def centralization_child(size: int, batch: int = 2) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     results = {}
-    for label, (conv, previous) in CENTRALIZATION.items():
+    for label, conv in CENTRALIZATION.items():
         model = mabn.models.resnet50(norm_layer="mabn", conv_layer=conv, norm_batch_size=2)
-        if previous:
-            _previous_wc(model)
         storages: dict[int, int] = {}
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -195,22 +166,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak'] / ref['peak']:.3f} |"
         )
     acc = results["MABN(2)+WC, 16 x 2 accumulated"]
-    before = results["MABN(2)+WC as before (centralized weights saved), 16 x 2 accumulated"]
+    plain_acc = results["MABN(2), no WC, 16 x 2 accumulated"]
     ratio = acc["saved"] / ref["saved"]
     lines += [
         "",
         f"Target: activation memory of the accumulated step ≤ 1/8 of batch 32's: {ratio:.3f}, "
         f"{'met' if ratio <= 1 / 8 else 'missed'}. The step's peak also holds what does not scale with the "
-        f"batch (gradients, momentum): {acc['peak'] / ref['peak']:.3f} of batch 32's. With the WC layers as "
-        f"before, which kept each forward's centralized weight for backward: {before['peak'] / ref['peak']:.3f} "
-        f"({before['saved'] / 2**20:.1f} MiB saved per micro-batch instead of {acc['saved'] / 2**20:.1f}); the "
-        "previous version of this table, measured with those layers, gave 0.159.",
+        f"batch (gradients, momentum): {acc['peak'] / ref['peak']:.3f} of batch 32's. Without WC: "
+        f"{plain_acc['saved'] / ref['saved']:.3f} ({plain_acc['saved'] / 2**20:.1f} MiB saved per micro-batch "
+        f"instead of {acc['saved'] / 2**20:.1f}): the difference is the WC layers' copy of their centralized "
+        "weights, which they compute once per optimizer step and use in every micro-batch's forward and "
+        "backward (at 16 x 2, 1 centralization per step instead of 32).",
         "",
         f"## What the centralization holds: one forward of ResNet-50 with MABN(2), batch {centralization['batch']}, {size} px",
         "",
         "Storages saved for backward (`torch.autograd.graph.saved_tensors_hooks`, each storage once; the "
         "parameters left out, since the model holds them anyway: a plain convolution saves its weight, the "
-        "WC layers now save the same raw weight); the last column is the difference to plain convolutions. "
+        "WC layers their centralized copy); the last column is the difference to plain convolutions. "
         f"The convolution and linear weights of the model are {centralization['weights'] / 2**20:.1f} MiB.",
         "",
         "| convolutions | saved for backward (MiB) | beyond plain convolutions (MiB) |",

@@ -62,6 +62,27 @@ def _cell(count: OperationCount | None) -> list[str]:
     return ["—", "—"] if count is None else [str(count.total), str(count.non_view)]
 
 
+def _compiled_kernels(name: str, groups: int) -> int | None:
+    """Kernels ``torch.compile`` generates for the layer's training forward+backward (one graph each),
+    past the warm-ups: Inductor's CPU kernels here, the count a GPU's Triton code generation fuses alike
+    (library calls such as the matrix product are not counted)."""
+    from torch._inductor import metrics
+
+    from mabn.apps.opcount import build_layer
+
+    layer = build_layer(name, COUNT_SHAPE[1], COUNT_SHAPE[0], groups)
+    if layer is None:
+        return None
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(COUNT_SHAPE, generator=generator)
+    before = metrics.generated_kernel_count
+    for _ in range(3):
+        compiled(x.clone().requires_grad_()).backward(torch.randn(COUNT_SHAPE, generator=generator))
+    return metrics.generated_kernel_count - before
+
+
 def _ratio(count: OperationCount | None, reference: OperationCount) -> str:
     return "—" if count is None else f"{count.non_view / reference.non_view:.1f}"
 
@@ -177,6 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         for views in (False, True):
             for op, k in sorted(count.by_name(views).items(), key=lambda item: (-item[1], item[0])):
                 lines.append(f"| `{op}` | {k} | {'yes' if views else 'no'} |")
+    lines += [
+        "",
+        "## Compiled: kernels `torch.compile` generates",
+        "",
+        "One training forward+backward compiled with `torch.compile(layer, fullgraph=True)` (one graph each "
+        "way, the same over the warm-ups): the kernels Inductor generates for it, here its CPU kernels, "
+        "which a GPU's Triton code generation fuses alike; library calls (the coefficient product) are not "
+        "counted.",
+        "",
+        "| layer | G=1 | G=4 |",
+        "|---|---:|---:|",
+    ]
+    for name in ("MABN2d", "GhostBatchNorm2d", "BatchRenorm2d", "nn.BatchNorm2d", "nn.GroupNorm(32)"):
+        cells = [_compiled_kernels(name, g) for g in GROUPS]
+        lines.append(f"| {name} | " + " | ".join("—" if k is None else str(k) for k in cells) + " |")
     left_out: dict[str, dict[str, set[str]]] = {}  # op -> setting -> layers
     for title, table in tables.items():
         for (name, g), count in table.items():
