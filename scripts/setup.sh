@@ -32,4 +32,7 @@ if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
   pip_registry torch==2.13.0 torchvision==0.28.0
 fi
 pip_registry -e ".[test]"
+# The fused CPU step is built with the machine's C compiler on first use; building it here (about 2 s,
+# once per machine) keeps that out of the first training call and says at once whether it could be.
+.venv/bin/python -c "import mabn._native as native; print('== fused CPU step:', native.status())"
 .venv/bin/python -c "import torch, torchvision, timm, mabn; print(f'== ready: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, mabn {mabn.__version__}')"

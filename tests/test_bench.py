@@ -58,8 +58,8 @@ def test_bench_small_writes_the_table_and_summary(tmp_path, capsys):
     assert [row.split(" | ")[1] for row in rows] == ["contiguous", "channels_last"] * 2
     for row in rows:  # BN ms, then one positive ratio per layer
         cells = row.strip("| ").split(" | ")[2:]
-        assert len(cells) == 6 and all(float(c) > 0 for c in cells)
-    for layer in ("MABN2d", "GhostBN2d", "BatchRenorm2d", "FrozenBN2d", "GroupNorm(32)"):
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells)
+    for layer in ("MABN2d", "MABN2d composed", "GhostBN2d", "BatchRenorm2d", "FrozenBN2d", "GroupNorm(32)"):
         (line,) = [s for s in text.splitlines() if s.startswith(f"- {layer} / BatchNorm2d, N = 1, 2, 1 shapes:")]
         found = re.search(r"contiguous ([\d.]+)-([\d.]+)x \(median ([\d.]+)x, max at ([\dx]+)\)", line)
         low, high, median = map(float, found.groups()[:3])

@@ -40,7 +40,7 @@ from .modules import (
 from .recalibrate import recalibrate, update_bn
 from .recompute import checkpoint, checkpoint_context
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Loaded on first use: the monitor (CSV/JSON logs) and the exporter (ONNX) are not needed to train.
 _LAZY = {

@@ -25,6 +25,7 @@ from ..conv import CenConv2d
 from ..convert import is_norm_layer
 from ..factory import default_num_groups
 from ..frozen import FrozenBatchNorm2d
+from ..kernels import use_paths
 from ..modules import BatchRenorm2d, GhostBatchNorm2d, MABN2d, StreamNorm
 
 LAYER_SHAPES = [
@@ -197,11 +198,24 @@ def workload_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+class _Composed(nn.Module):
+    """A layer run on the composed torch operations (what a CPU without a C compiler runs)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        with use_paths(step="composed"):
+            return self.layer(x)
+
+
 def small_batch_layers(channels: int, batch: int) -> dict[str, nn.Module]:
     """The layers ``bench small`` compares, BatchNorm2d first (the reference)."""
     return {
         "BatchNorm2d": nn.BatchNorm2d(channels),
         "MABN2d": MABN2d(channels, norm_batch_size=batch, **PAST_WARMUP),
+        "MABN2d composed": _Composed(MABN2d(channels, norm_batch_size=batch, **PAST_WARMUP)),
         "GhostBN2d": GhostBatchNorm2d(channels, norm_batch_size=batch),
         "BatchRenorm2d": BatchRenorm2d(channels, renorm_warmup_iters=PAST_WARMUP["renorm_warmup_iters"]),
         "FrozenBN2d": FrozenBatchNorm2d(channels),
