@@ -97,6 +97,11 @@ def test_summary_mean_std_and_difference_to_bn32():
     assert "| BN | 2 | no | 2 | 15.50 ± 0.71 |" in md and "| MABN | 2 | yes | 1 | 11.00 |" in md
     assert "BN(2) − BN(32) = +4.50 points, more than twice the largest seed spread (1.41): met" in md
     assert "MABN(2) − BN(32) = +0.00 points, target ≤ +0.30: met" in md
+    # One seed each (the quick grid): the differences, and no verdict a seed's spread could reverse.
+    single = [r for r in rows if r["seed"] == 0]
+    md = reproduce.markdown("table1", single, {**trainer.DEFAULTS, **reproduce.PROTOCOL})
+    assert "one seed: a spot check, not a result" in md and "MABN(2) − BN(32) = +1.00 points" in md
+    assert ": met" not in md and ": missed" not in md
 
 
 def test_sweep_plot_is_a_png(tmp_path):

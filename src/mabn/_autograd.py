@@ -88,20 +88,24 @@ class NormFunction(torch.autograd.Function):
             gd = d if gamma is None else gamma * d
             beta = gd if beta is None else beta + gd
         gr = _times(gamma, r)  # (C,) or (G, C): dL/dz = gr * dL/dy, z the normalized input
-        ctx.save_for_backward(x, weight, gr, *used)
+        # The backward's coefficients travel as a saved tensor: under torch.compile the table is a
+        # constant of the forward graph, which the backward's trace can only read this way.
+        ctx.save_for_backward(x, weight, gr, *used, plan.backward_table)
         ctx.state, ctx.plan, ctx.call, ctx.first_backward = state, plan, call, None
         return normalize(x, used, gr, beta, plan)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, gr, var, mean, r, d = ctx.saved_tensors
+        x, weight, gr, var, mean, r, d, table = ctx.saved_tensors
         plan: Plan = ctx.plan
         paths, grad_sums = plan.backward_paths(x, dy)
         if paths.grad_input == "native" and x.dtype == dy.dtype:
             grad_x, sum_dy_xhat, sum_dy = _native_backward(ctx, dy, x, gr, var, mean)
         else:
-            grad_x, sum_dy_xhat, sum_dy = _stream_backward(ctx, dy, x, gr, Used(var, mean, r, d), paths, grad_sums)
+            grad_x, sum_dy_xhat, sum_dy = _stream_backward(
+                ctx, dy, x, gr, Used(var, mean, r, d), paths, grad_sums, table
+            )
         grad_weight = grad_bias = None
         # The affine gradients are this process's own (DDP averages them over the ranks).
         if weight is not None and ctx.needs_input_grad[1]:
@@ -126,7 +130,7 @@ def _native_backward(
 
 
 def _stream_backward(
-    ctx: Any, dy: Tensor, x: Tensor, gr: Tensor | None, used: Used, paths: Any, grad_sums: Any
+    ctx: Any, dy: Tensor, x: Tensor, gr: Tensor | None, used: Used, paths: Any, grad_sums: Any, table: Tensor | None
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """dL/dx from this call's (g, Psi) or their moving averages; returns dL/dx and the local sums."""
     plan: Plan = ctx.plan
@@ -155,7 +159,7 @@ def _stream_backward(
     if config.backward_stats == "sma":
         # The stream advances on every backward, whether or not this call needs dL/dx.
         if ctx.first_backward is None:
-            stats, ctx.first_backward = backward_stream(ctx.state, plan, call, stats)
+            stats, ctx.first_backward = backward_stream(ctx.state, plan, call, stats, table)
         else:
             stats, ctx.first_backward = repeat_backward(ctx.state, plan, ctx.first_backward, stats)
     grad_x = None

@@ -37,10 +37,13 @@ class HostControl:
     """Counters and flags read on the host (CPU, eager)."""
 
     @staticmethod
-    def coefficients(table: Tensor, bounds: tuple[int, ...], calls: Tensor, steps: Tensor | None) -> Tensor:
-        """``table[phase, filled]``: the phase from the call count, the window's fill from its step count."""
+    def coefficients(
+        table: Tensor, bounds: tuple[int, ...], calls: Tensor, steps: Tensor | None, window: int
+    ) -> Tensor:
+        """``table[phase, filled]``: the phase from the call count, the window's fill (at most ``window``)
+        from its step count."""
         phase = bisect.bisect_right(bounds, int(calls))
-        filled = 0 if steps is None else min(int(steps), table.shape[1] - 1)
+        filled = 0 if steps is None else min(int(steps), window)
         return table[phase, filled]
 
     @staticmethod
@@ -97,9 +100,11 @@ class DeviceControl:
     """Counters and flags kept on the device: no host read, guards as ``torch.where``."""
 
     @staticmethod
-    def coefficients(table: Tensor, bounds: tuple[int, ...], calls: Tensor, steps: Tensor | None) -> Tensor:
+    def coefficients(
+        table: Tensor, bounds: tuple[int, ...], calls: Tensor, steps: Tensor | None, window: int
+    ) -> Tensor:
         # Indices are 1-element tensors: a 0-dim index tensor would be read on the host.
-        filled = None if steps is None else steps.clamp(max=table.shape[1] - 1).view(1)
+        filled = None if steps is None else steps.clamp(max=window).view(1)
         if not bounds:
             return table[0, 0] if filled is None else table[0][filled][0]
         phase = torch.bucketize(calls, _bounds_tensor(bounds, calls.device), right=True).view(1)

@@ -82,7 +82,9 @@ def _forward(
     if config.centered:
         check_group_size(numel, plan.numel, config, call.sync is not None)
     steps = state.forward_steps if config.forward_stats == "sma" else None
-    coefficients = HostControl.coefficients(plan.forward_table, plan.forward_bounds, state.num_batches_tracked, steps)
+    coefficients = HostControl.coefficients(
+        plan.forward_table, plan.forward_bounds, state.num_batches_tracked, steps, config.window
+    )
     y = torch.empty_like(x)
     used = x.new_empty((4, plan.groups, x.shape[1]))
     momentum = config.momentum
@@ -154,7 +156,9 @@ class FusedFunction(torch.autograd.Function):
         if config.backward_stats == "sma":
             window, steps, calls = state.backward_window, state.backward_steps, state.backward_calls
             if ctx.first_backward is None:
-                coefficients = HostControl.coefficients(plan.backward_table, plan.backward_bounds, calls, steps)
+                coefficients = HostControl.coefficients(
+                    plan.backward_table, plan.backward_bounds, calls, steps, config.window
+                )
             else:  # a further pass through the same call: average over the first pass's count, push nothing
                 coefficients, pushed, version = ctx.first_backward
                 mode, push = 1, int(pushed and window._version == version)

@@ -90,7 +90,9 @@ def forward_step(batch: Tensor, state: NormState, plan: Plan, call: Call) -> For
     running = [state.running_mean, state.running_var] if config.centered else [state.running_var]
     rows = _rows(batch, state, running, plan)
     steps = state.forward_steps if config.forward_stats == "sma" else None
-    coefficients = ctl.coefficients(plan.forward_table, plan.forward_bounds, state.num_batches_tracked, steps)
+    coefficients = ctl.coefficients(
+        plan.forward_table, plan.forward_bounds, state.num_batches_tracked, steps, config.window
+    )
     out = torch.mm(coefficients, rows)
     if config.centered:
         _unbias(out[layout.target], call.numel)
@@ -201,7 +203,9 @@ def commit(forward: Forward, plan: Plan) -> None:
 # ---- backward ----------------------------------------------------------------------------------
 
 
-def backward_stream(state: NormState, plan: Plan, call: Call, stats: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+def backward_stream(
+    state: NormState, plan: Plan, call: Call, stats: Tensor, table: Tensor
+) -> tuple[Tensor, tuple[Any, ...]]:
     """Push a backward's statistics (statistic-major, (k * G, C)) into the backward window.
 
     Returns the statistics to use (their moving averages) and what a second backward pass through
@@ -213,7 +217,7 @@ def backward_stream(state: NormState, plan: Plan, call: Call, stats: Tensor) -> 
     m, k, c = window.shape
     g = plan.groups
     entries = stats.view(k, g, c).transpose(0, 1)  # (G, k, C)
-    coefficients = ctl.coefficients(plan.backward_table, plan.backward_bounds, calls, steps)
+    coefficients = ctl.coefficients(table, plan.backward_bounds, calls, steps, m)
     seq = torch.cat([window.view(m * k, c).to(stats.dtype), entries.reshape(g * k, c)])
     used = torch.mm(coefficients, seq)
     ok = ctl.finite(used)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _native
+
 __all__ = [
     "centralize_weight",
     "is_centralized",
@@ -79,8 +81,18 @@ class _CentralizedConvolution(torch.autograd.Function):
 
 
 def _centralize_(t: Tensor) -> Tensor:
-    """:func:`centralize_weight` in place (of a fresh gradient)."""
+    """:func:`centralize_weight` in place (of a fresh gradient): on a CPU one native pass over it."""
+    if _native.centralize(t, t):
+        return t
     return t.sub_(t.mean(dim=list(range(1, t.dim())), keepdim=True))
+
+
+def _centralized_copy(weight: Tensor) -> Tensor:
+    """A detached :func:`centralize_weight` of ``weight``: on a CPU one native pass over it."""
+    out = torch.empty_like(weight)
+    if _native.centralize(weight.detach(), out):
+        return out
+    return centralize_weight(weight.detach())
 
 
 class _Centralized:
@@ -104,7 +116,7 @@ class _Centralized:
         fresh = self.source is weight and self.version == weight._version and self.address == weight.data_ptr()
         if not fresh or self.value is None:
             with torch.no_grad():
-                self.value = centralize_weight(weight)
+                self.value = _centralized_copy(weight)
             self.source, self.version, self.address = weight, weight._version, weight.data_ptr()
         return self.value
 

@@ -791,9 +791,10 @@ def fold(
         if _left_norm(m):
             report.unfolded.append((name, type(m).__name__, reasons.get(name) or _reason(m)))
     if report.unfolded and not return_report:
-        kept = ", ".join(f"{name or '<model>'} ({cls})" for name, cls, _ in report.unfolded[:8])
+        kept = ", ".join(f"{name or '<model>'!r} ({cls})" for name, cls, _ in report.unfolded[:8])
         more = f" and {len(report.unfolded) - 8} more" if len(report.unfolded) > 8 else ""
-        logger.warning("fold: %d norm layers could not fold and stay: %s%s", len(report.unfolded), kept, more)
+        count = len(report.unfolded)
+        logger.warning("fold: %d norm layer%s could not fold and stay: %s%s", count, "s" * (count != 1), kept, more)
     return (model, report) if return_report else model
 
 

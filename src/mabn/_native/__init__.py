@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Spec", "library", "status", "pointer", "TYPES"]
+__all__ = ["Spec", "library", "status", "pointer", "centralize", "TYPES"]
 
 _SOURCE = Path(__file__).with_name("step.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
@@ -107,6 +107,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "normalize": ([spec, p, p, p, p, p], None),
         "statistics": ([spec, p, p], None),
         "gradient_sums": ([spec, p, p, p, p], None),
+        "centralize": ([i64, i64, p, p], None),  # rows, cols, in, out
     }
     for suffix in TYPES.values():
         for name, (argtypes, restype) in signatures.items():
@@ -159,3 +160,28 @@ def status() -> str:
 def pointer(t: torch.Tensor | None) -> int | None:
     """The address of a tensor's first element (None for None)."""
     return None if t is None else t.data_ptr()
+
+
+def _rows_dense(t: torch.Tensor) -> bool:
+    """Each output channel's values (dim 0) lie in one block of memory, the blocks one after another."""
+    if t.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()])
+
+
+def centralize(weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = weight - mean of each output channel's values``, in one pass, on the CPU (``out`` may be
+    ``weight``, and has its layout). Returns False, writing nothing, where the native kernel does not apply:
+    then the caller uses torch's operations."""
+    suffix = TYPES.get(weight.dtype)
+    if suffix is None or weight.device.type != "cpu" or weight.dim() < 2 or weight.numel() == 0:
+        return False
+    if not (_rows_dense(weight) and out.stride() == weight.stride() and out.dtype == weight.dtype):
+        return False
+    lib = library()
+    if lib is None or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    rows = weight.shape[0]
+    getattr(lib, f"mabn_centralize_{suffix}")(rows, weight.numel() // rows, weight.data_ptr(), out.data_ptr())
+    return True

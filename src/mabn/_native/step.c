@@ -467,6 +467,20 @@ int64_t mabn_backward_##SUFFIX(const Spec* sp, const T* dy, const T* x, T* dx, c
     }                                                                                                 \
     free(sums);                                                                                       \
     return ok;                                                                                        \
+}                                                                                                     \
+/* Weight centralization of a (rows, cols) block, rows = output channels: out = in - mean of its row. */ \
+/* Each row is centered while it is in cache: one pass over memory (``out`` may be ``in``). */        \
+void mabn_centralize_##SUFFIX(int64_t rows, int64_t cols, const T* in, T* out) {                     \
+    for (int64_t r = 0; r < rows; r++) {                                                              \
+        const T* p = in + r * cols;                                                                   \
+        T* q = out + r * cols;                                                                        \
+        double sum = 0.0;                                                                             \
+        _Pragma("omp simd reduction(+:sum)")                                                          \
+        for (int64_t i = 0; i < cols; i++) sum += (double)p[i];                                       \
+        const T mean = (T)(sum / (double)cols);                                                       \
+        _Pragma("omp simd")                                                                           \
+        for (int64_t i = 0; i < cols; i++) q[i] = p[i] - mean;                                        \
+    }                                                                                                 \
 }
 
 DEFINE_STEP(float, f32)

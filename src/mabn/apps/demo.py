@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (idx files)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size % args.norm_batch_size:
         raise ValueError(f"--norm-batch-size {args.norm_batch_size} does not divide --batch-size {args.batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_x, train_y = load_fashion_mnist("train", args.data_dir)
     test_x, test_y = load_fashion_mnist("test", args.data_dir)

@@ -220,23 +220,28 @@ def _cells(grid: str, spec: GridSpec, s: dict[str, Any], gn: dict[str, Any] | No
 
 
 def _targets(summary: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets for Table 1, checked on the current numbers."""
+    """The paper's claims for Table 1, checked on the current numbers (judged only over several seeds)."""
     by = {s["label"]: s for s in summary}
     bn32, bn2, brn2, mabn2 = (by.get(k) for k in ("BN(32)", "BN(2)", "BRN(2)", "MABN(2)"))
     if not (bn32 and bn2 and mabn2):
         return ["Targets: not all of BN(32), BN(2), MABN(2) have finished yet."]
     spreads = [s["std"] for s in (bn32, bn2, brn2, mabn2) if s and s["std"] is not None]
+    gap, d = bn2["mean"] - bn32["mean"], mabn2["mean"] - bn32["mean"]
+    if not spreads:
+        # One seed: a run-to-run spread of a few tenths of a point hides the differences being judged.
+        return [
+            "Differences (one seed: a spot check, not a result; the paper's claims are judged over three "
+            "seeds with `mabn reproduce table1`):",
+            "",
+            f"- BN(2) − BN(32) = {gap:+.2f} points; MABN(2) − BN(32) = {d:+.2f} points"
+            + (f"; BRN(2) = {brn2['mean']:.2f}" if brn2 else ""),
+        ]
+    spread = max(spreads)
     out = ["Targets (the paper's claims, checked on these numbers):", ""]
-    gap = bn2["mean"] - bn32["mean"]
-    if spreads:
-        spread = max(spreads)
-        verdict = "met" if gap > 2 * spread else "missed"
-        out.append(
-            f"- BN(2) − BN(32) = {gap:+.2f} points, more than twice the largest seed spread ({spread:.2f}): {verdict}"
-        )
-    else:
-        out.append(f"- BN(2) − BN(32) = {gap:+.2f} points (one seed: no spread to compare with)")
-    d = mabn2["mean"] - bn32["mean"]
+    verdict = "met" if gap > 2 * spread else "missed"
+    out.append(
+        f"- BN(2) − BN(32) = {gap:+.2f} points, more than twice the largest seed spread ({spread:.2f}): {verdict}"
+    )
     out.append(f"- MABN(2) − BN(32) = {d:+.2f} points, target ≤ +0.30: {'met' if d <= 0.3 else 'missed'}")
     if brn2:
         between = min(bn32["mean"], bn2["mean"]) <= brn2["mean"] <= max(bn32["mean"], bn2["mean"])

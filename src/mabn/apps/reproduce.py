@@ -1,4 +1,4 @@
-"""Reproduce the paper's experiments on Fashion-MNIST (classification) and Fashion-MNIST scenes (segmentation).
+"""Reproduce the paper's experiments on Fashion-MNIST: classification, segmentation, detection and fine-tuning grids.
 
 ``mabn reproduce GRID`` trains every run of a grid with ``mabn.train.train`` under one protocol
 (:mod:`mabn.apps.grids`): the classification grids use the same ResNet (three stages of one basic

@@ -1,4 +1,4 @@
-"""``mabn train``: train a model with any normalization layer (see :mod:`mabn.apps.train.loop`)."""
+"""Train a model with any normalization layer: classification, segmentation or detection, on one process or many."""
 
 from __future__ import annotations
 

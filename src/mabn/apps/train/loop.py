@@ -313,7 +313,7 @@ def _header(run: _Run) -> str:
     parts = [
         f"training {c['arch']} ({c['task']}) with norm {c['norm']!r} ({stats}"
         + (", synced" if c["sync_norm"] and run.ddp.active else "")
-        + f", conv {c['conv']}) on {run.source.name}: {run.source.num_train} images, {c['epochs']} epochs x "
+        + f", conv {c['conv'] or 'plain'}) on {run.source.name}: {run.source.num_train} images, {c['epochs']} epochs x "
         f"{run.steps_per_epoch} steps of {c['batch_size']} x {run.ddp.world} process(es)"
     ]
     if c["accumulate"] > 1:
