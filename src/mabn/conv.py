@@ -88,10 +88,8 @@ def _centralize_(t: Tensor) -> Tensor:
 
 
 def _centralized_copy(weight: Tensor) -> Tensor:
-    """A detached :func:`centralize_weight` of ``weight``: on a CPU one native pass over it."""
-    out = torch.empty_like(weight)
-    if _native.centralize(weight.detach(), out):
-        return out
+    """A detached :func:`centralize_weight` of ``weight``, computed as :meth:`centralized_weight` computes
+    it (torch's operations), so that a traced, scripted or folded model matches the eager one bit for bit."""
     return centralize_weight(weight.detach())
 
 
