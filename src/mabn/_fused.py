@@ -17,12 +17,12 @@ from torch import Tensor
 from . import _sync
 from ._control import HostControl
 from ._plan import Plan
-from ._step import Used, check_group_size
+from ._step import check_group_size
 
 if TYPE_CHECKING:  # the engine's entry imports this module
     from .functional import NormState
 
-__all__ = ["FusedFunction", "FusedCall", "used_view"]
+__all__ = ["FusedFunction", "FusedCall"]
 
 _ptr = Tensor.data_ptr
 
@@ -35,14 +35,6 @@ class FusedCall(NamedTuple):
     """A training call of the fused path: its sync (``(group, fingerprint, verify, probe)`` or None)."""
 
     sync: tuple[Any, int, bool, bool] | None
-
-
-def used_view(used: Tensor, plan: Plan) -> Used:
-    """The (4, G, C) statistics a fused call wrote, as the composed path's :class:`Used`."""
-    config = plan.config
-    return Used(
-        used[0], used[1], used[2] if config.renorm else None, used[3] if config.renorm and config.centered else None
-    )
 
 
 def _reduced_statistics(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Spec", "library", "status", "pointer", "centralize", "TYPES"]
+__all__ = ["Spec", "library", "status", "centralize", "TYPES"]
 
 _SOURCE = Path(__file__).with_name("step.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
@@ -155,11 +155,6 @@ def status() -> str:
     """Whether the fused CPU step is in use, and if not, why."""
     library()
     return str(_state["status"])
-
-
-def pointer(t: torch.Tensor | None) -> int | None:
-    """The address of a tensor's first element (None for None)."""
-    return None if t is None else t.data_ptr()
 
 
 def _rows_dense(t: torch.Tensor) -> bool:
